@@ -1,0 +1,99 @@
+"""The modality plugin interface: what a package must provide to add a modality.
+
+A modality plugin is a subclass of :class:`ModalityPlugin`, published through an entry point in the
+``mil_plugins.modalities`` group. It says which manifest key and placeholder token it uses, turns a
+file into a tensor (``preprocess``, runs in CPU data-loader workers) and builds the encoder that turns
+a batch of such tensors into token features ``[B, T, D]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class ModalityInputError(ValueError):
+    """A file cannot be used as input of a modality. The message names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str, modality: str | None = None):
+        self.path = str(path)
+        self.problem = problem
+        self.modality = modality
+        where = f"{modality} input " if modality else ""
+        super().__init__(f"{where}{self.path}: {problem}")
+
+
+class ModalityEncoder(nn.Module):
+    """Base of every modality encoder: ``forward(x [B, ...]) -> features [B, num_tokens, hidden_size]``."""
+
+    hidden_size: int
+    num_tokens: int
+
+
+class ModalityPlugin:
+    """A modality: manifest key, placeholder, preprocessor and encoder factory.
+
+    Subclasses set the class attributes and implement :meth:`preprocess` and :meth:`build_encoder`.
+    ``options`` come from the recipe (``modalities.<name>``) and must be JSON-serialisable; they are
+    saved with checkpoints so that a model can be rebuilt exactly.
+    """
+
+    name: ClassVar[str] = ""            # registry name, e.g. "audio"
+    key: ClassVar[str] = ""             # manifest key, e.g. "audio" (defaults to ``name``)
+    placeholder: ClassVar[str] = ""     # placeholder token in conversations, e.g. "<audio>"
+    default_projector: ClassVar[str] = "mlp2x_gelu"
+    extensions: ClassVar[tuple[str, ...]] = ()   # file suffixes it reads, for error messages
+    default_options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any):
+        unknown = set(options) - set(self.default_options)
+        if unknown:
+            raise ValueError(f"modality {self.name!r}: unknown option(s) {sorted(unknown)}; "
+                             f"valid: {sorted(self.default_options)}")
+        self.options: dict[str, Any] = {**self.default_options, **options}
+
+    # -- to implement ----------------------------------------------------------------------------
+    def preprocess(self, path: str | Path) -> torch.Tensor:
+        """Read one file and return the encoder's input tensor (no batch dimension).
+
+        Raises :class:`ModalityInputError` naming the file and the problem; never returns a silent
+        zero tensor for unreadable input.
+        """
+        raise NotImplementedError
+
+    def build_encoder(self) -> ModalityEncoder:
+        """The encoder for this modality, configured by ``self.options``."""
+        raise NotImplementedError
+
+    # -- provided --------------------------------------------------------------------------------
+    def collate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Batch preprocessed tensors for the encoder (default: stack; all same shape)."""
+        return torch.stack(tensors, 0)
+
+    @property
+    def manifest_key(self) -> str:
+        return self.key or self.name
+
+    def config(self) -> dict[str, Any]:
+        """What identifies this plugin's preprocessing + encoder: saved with checkpoints, cache key."""
+        return {"name": self.name, "options": self.options}
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.config(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_modality_plugin(name: str, obj: Any) -> None:
+    """Registry check: a modality entry point must name a ModalityPlugin subclass."""
+    if not (isinstance(obj, type) and issubclass(obj, ModalityPlugin)):
+        raise TypeError(f"expected a subclass of mil_plugins.modality.ModalityPlugin, got {obj!r}")
+    for attr in ("name", "placeholder"):
+        if not getattr(obj, attr):
+            raise TypeError(f"{obj.__name__} does not set the class attribute {attr!r}")
+    if obj.name != name:
+        raise TypeError(f"{obj.__name__}.name is {obj.name!r} but its entry point is named {name!r}")

@@ -1,0 +1,37 @@
+"""The three plugin registries, one :class:`~mil_plugins.registry.Registry` each.
+
+    MODALITIES  group ``mil_plugins.modalities``  -> ModalityPlugin subclasses
+    PROJECTORS  group ``mil_plugins.projectors``  -> projector factories
+    METHODS     group ``mil_plugins.methods``     -> Method subclasses
+
+Nothing registers itself on import: built-ins are entry points of our own distribution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mil_plugins.methods.base import check_method_plugin
+from mil_plugins.modality import check_modality_plugin
+from mil_plugins.registry import Registry
+
+
+def _check_projector(name: str, obj: Any) -> None:
+    if not callable(obj):
+        raise TypeError(f"a projector entry point must be a factory "
+                        f"(mm_hidden_size, hidden_size, **options) -> nn.Module, got {obj!r}")
+
+
+MODALITIES = Registry("modality", "mil_plugins.modalities", check_modality_plugin)
+PROJECTORS = Registry("projector", "mil_plugins.projectors", _check_projector)
+METHODS = Registry("method", "mil_plugins.methods", check_method_plugin)
+
+REGISTRIES: dict[str, Registry] = {"modality": MODALITIES, "projector": PROJECTORS, "method": METHODS}
+
+
+def all_records(load: bool = True) -> list[dict]:
+    """Every plugin of every kind as plain dicts (what ``mil plugins --json`` prints)."""
+    rows = []
+    for registry in REGISTRIES.values():
+        rows.extend(r.as_dict() for r in registry.records(load=load))
+    return rows
