@@ -1,0 +1,132 @@
+"""The ``mil`` command: plugins, make-benchmark, check-data, train, eval, export.
+
+Each sub-command imports what it needs only when it runs, so ``mil plugins`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from mil_plugins.plugins import all_records
+
+    rows = all_records(load=True)
+    if args.kind:
+        rows = [r for r in rows if r["kind"] == args.kind]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    headers = ("kind", "name", "distribution", "version", "status")
+    widths = [max(len(h), *(len(str(r[h])) for r in rows)) if rows else len(h) for h in headers]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for r in rows:
+        print("  ".join(str(r[h]).ljust(w) for h, w in zip(headers, widths)))
+        if r["error"]:
+            print(f"    entry point {r['entry_point']}: {r['error']}")
+    failed = sum(r["status"] == "failed" for r in rows)
+    if failed:
+        print(f"\n{failed} plugin(s) failed to load; the others are usable.")
+    return 0
+
+
+def cmd_make_benchmark(args: argparse.Namespace) -> int:
+    from mil_plugins.benchmark import make_benchmark
+
+    summary = make_benchmark(Path(args.out), size=args.size, seed=args.seed,
+                             overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from mil_plugins.data.check import run_check_data
+
+    return run_check_data(Path(args.manifest), Path(args.root) if args.root else None,
+                          workers=args.workers)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mil_plugins.engine.run import main as train_main
+
+    argv = [args.recipe, *args.overrides]
+    if args.resume:
+        argv.append("--resume")
+    return train_main(argv)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mil_plugins.evaluate import eval_checkpoint_cli
+
+    return eval_checkpoint_cli(Path(args.checkpoint), [Path(m) for m in args.manifest],
+                               root=Path(args.root) if args.root else None,
+                               batch_size=args.batch_size, out=args.out)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mil_plugins.export import export_checkpoint
+
+    written = export_checkpoint(Path(args.checkpoint), args.to, Path(args.out))
+    for path in written:
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mil", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list every installed plugin and whether it loads")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--kind", choices=["modality", "projector", "method"])
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("make-benchmark", help="generate the built-in modality-incremental benchmark")
+    p.add_argument("out")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small", "full"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_make_benchmark)
+
+    p = sub.add_parser("check-data", help="run every sample of a manifest through its preprocessors")
+    p.add_argument("manifest")
+    p.add_argument("--root", help="data root the media paths are relative to (default: the "
+                                  "manifest's folder)")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("train", help="run a recipe (same as tools/train.py)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a checkpoint on one or more manifests")
+    p.add_argument("checkpoint")
+    p.add_argument("manifest", nargs="+")
+    p.add_argument("--root")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="write the scores as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a checkpoint to LLaVA or transformers layout")
+    p.add_argument("checkpoint")
+    p.add_argument("--to", required=True, choices=["llava", "hf"])
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
