@@ -264,3 +264,23 @@ def chance_level(modality: str, task: str) -> float:
         return 1.0 / len(t.options)
     caps = [t.answer(a) for a in all_scenes(modality)]
     return sum(bleu4(p, r) for p in caps for r in caps) / (len(caps) ** 2)
+
+
+# -- balanced scenes -------------------------------------------------------------------------------
+
+def balanced_scenes(modality: str, n: int, rng) -> list[dict[str, str]]:
+    """``n`` scenes of ``modality`` whose every attribute is balanced (counts differ by at most 1).
+
+    Each attribute's values are tiled to length ``n`` and shuffled independently with ``rng`` (a
+    ``numpy.random.Generator``), so attributes are also (nearly) independent of each other.
+    """
+    import numpy as np
+
+    cols = {}
+    for name in SCENE_ATTRIBUTES[modality]:
+        values = CONCEPTS[name]
+        # rotate the starting value so the leftover samples (n % k) do not always favour values[0]
+        start = int(rng.integers(len(values)))
+        idx = (np.arange(n) + start) % len(values)
+        cols[name] = [values[i] for i in rng.permutation(idx)]
+    return [{name: cols[name][i] for name in cols} for i in range(n)]

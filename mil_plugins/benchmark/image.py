@@ -55,7 +55,7 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, angle: float, size: i
 def side_center(side: str, rng: np.random.Generator, size: int, margin: float) -> float:
     """A random x-centre well inside the ``side`` half of a ``size``-wide frame."""
     lo, hi = (margin, size / 2 - size / 10) if side == "left" else (size / 2 + size / 10, size - margin)
-    return float(rng.uniform(lo, min(hi, max(lo, hi))))
+    return float(rng.uniform(lo, max(lo, hi)))
 
 
 def jitter_color(color: str, rng: np.random.Generator, amount: int = 20) -> np.ndarray:
@@ -74,9 +74,8 @@ def background(rng: np.random.Generator, shape: tuple[int, ...], noise: float = 
 
 def render_array(attrs: Mapping[str, str], rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     r = rng.uniform(0.15, 0.19) * size
-    margin = r * 1.25
-    cx = side_center(attrs["side"], rng, size, margin)
-    cy = float(rng.uniform(margin, size - margin))
+    cx = side_center(attrs["side"], rng, size, r * 1.3)
+    cy = float(rng.uniform(r * 1.6, size - r * 1.6))
     angle = float(rng.uniform(-0.25, 0.25))
     alpha = shape_mask(attrs["shape"], cx, cy, r, angle, size)[..., None]
     img = background(rng, (size, size)) * (1 - alpha) + jitter_color(attrs["color"], rng) * alpha

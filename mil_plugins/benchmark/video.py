@@ -1,7 +1,7 @@
 """Video renderer: one shape moving left, right, up or down, saved as a short H.264/MPEG-4 MP4.
 
 Scene attributes: ``shape`` (circle/square/triangle), ``color`` (red/green/blue), ``direction``
-(left/right/up/down). 8 frames of 32x32 at 8 fps (1 s), yuv420p. The shape crosses about 40% of the
+(left/right/up/down). 8 frames of 32x32 at 8 fps (1 s), yuv420p. The shape crosses about a third of the
 frame between the first and the last frame; start point, size, rotation, colour tone and the
 background are jittered, and the background noise changes from frame to frame.
 
@@ -24,7 +24,7 @@ EXT = ".mp4"
 SIZE = 32
 FRAMES = 8
 FPS = 8
-TRAVEL = 0.4          # fraction of the frame crossed between the first and the last frame
+TRAVEL = 0.34         # fraction of the frame crossed between the first and the last frame
 
 _MOTION = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
@@ -36,13 +36,12 @@ def codec() -> str:
 def render_frames(attrs: Mapping[str, str], rng: np.random.Generator, size: int = SIZE,
                   frames: int = FRAMES) -> np.ndarray:
     """uint8 [frames, size, size, 3]."""
-    r = rng.uniform(0.17, 0.21) * size
+    r = rng.uniform(0.16, 0.19) * size
     dx, dy = _MOTION[attrs["direction"]]
     travel = TRAVEL * size
-    margin = r * 1.3
     # centre of the path: the moving axis near the middle, the other axis anywhere that fits
-    along = size / 2 + rng.uniform(-0.06, 0.06) * size
-    across = float(rng.uniform(margin, size - margin))
+    along = size / 2 + rng.uniform(-0.03, 0.03) * size
+    across = float(rng.uniform(r * 1.6, size - r * 1.6))
     cx0, cy0 = (along, across) if dx else (across, along)
     angle = float(rng.uniform(-0.25, 0.25))
     color = jitter_color(attrs["color"], rng)

@@ -1,0 +1,208 @@
+"""The connector: each modality's encoder features -> the LLM's embedding width.
+
+Two modes, chosen per recipe (see DESIGN.md, "Where forgetting comes from"):
+
+``per_modality``
+    One LLaVA projector per modality, ``projectors[m] = build_projector(type_m, enc_hidden_m, H)``.
+    Modalities are isolated: training one never touches another's parameters.
+
+``shared``
+    Per-modality input layers ``input_layers[m] = nn.Linear(enc_hidden_m, shared_dim)`` and ONE
+    shared projector ``shared = build_projector(type, shared_dim, H)`` used by every modality.
+    What is learned for one modality can help -- or overwrite -- another: the setting in which
+    continual methods can be told apart.
+
+Submodule names are stable and part of the API (method plugins wrap or augment them, checkpoints
+and optimiser parameter groups key on them)::
+
+    projectors.<modality>.*     per_modality mode, e.g. projectors.audio.0.weight (LLaVA layout)
+    input_layers.<modality>.*   shared mode, e.g. input_layers.audio.weight / .bias
+    shared.*                    shared mode, e.g. shared.0.weight, shared.2.bias (LLaVA layout)
+
+A method plugin may replace ``connector.shared`` (or ``connector.projectors[m]``) by a module that
+wraps it (adapters, gates); :meth:`Connector.forward` only calls it as ``module(x)``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from mil_plugins.projectors import build_projector
+
+MODES = ("per_modality", "shared")
+_MLP = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+class Connector(nn.Module):
+    """Maps ``features [N, T, D_m]`` of modality ``m`` to ``[N, T, llm_hidden]``.
+
+    Args:
+        llm_hidden: the LLM's hidden size ``H``.
+        mode: ``"per_modality"`` or ``"shared"``.
+        projector_type: the shared projector's LLaVA name (shared mode; default ``mlp2x_gelu``).
+            In per_modality mode it is the default for :meth:`add_modality` calls that pass none.
+        shared_dim: width of the shared space (shared mode; default ``llm_hidden``).
+    """
+
+    def __init__(self, llm_hidden: int, mode: str = "per_modality",
+                 projector_type: str | None = None, shared_dim: int | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"connector mode must be one of {MODES}, got {mode!r}")
+        self.llm_hidden = int(llm_hidden)
+        self.mode = mode
+        self.projector_type = projector_type
+        self.projectors = nn.ModuleDict()
+        self.input_layers = nn.ModuleDict()
+        self.enc_hidden: dict[str, int] = {}
+        self.projector_types: dict[str, str] = {}
+        if mode == "shared":
+            self.projector_type = projector_type or "mlp2x_gelu"
+            self.shared_dim = int(shared_dim or llm_hidden)
+            self.shared = build_projector(self.projector_type, self.shared_dim, self.llm_hidden)
+        else:
+            self.shared_dim = None
+            self.shared = None
+
+    # ---- structure -----------------------------------------------------------------------------
+    @property
+    def modalities(self) -> list[str]:
+        """Modality names in the order they were added."""
+        return list(self.enc_hidden)
+
+    def __contains__(self, modality: str) -> bool:
+        return modality in self.enc_hidden
+
+    def add_modality(self, name: str, enc_hidden: int, projector_type: str | None = None) -> None:
+        """Add the entry for a modality (a modality arriving in a later stage).
+
+        per_modality: builds ``projectors[name]`` (``projector_type``, else the connector's
+        default, else ``mlp2x_gelu``). shared: builds ``input_layers[name]``; ``projector_type``
+        is ignored (the shared projector is shared). The new parameters follow the dtype/device
+        of the existing ones.
+        """
+        if name in self.enc_hidden:
+            raise ValueError(f"connector already has modality {name!r}")
+        enc_hidden = int(enc_hidden)
+        ref = next(self.parameters(), None)
+        if self.mode == "per_modality":
+            ptype = projector_type or self.projector_type or "mlp2x_gelu"
+            module = build_projector(ptype, enc_hidden, self.llm_hidden)
+            self.projectors[name] = module
+        else:
+            ptype = self.projector_type
+            module = nn.Linear(enc_hidden, self.shared_dim)
+            self.input_layers[name] = module
+        if ref is not None:
+            module.to(device=ref.device, dtype=ref.dtype)
+        self.enc_hidden[name] = enc_hidden
+        self.projector_types[name] = ptype
+
+    def modules_for(self, modality: str) -> list[nn.Module]:
+        """The modules that ``forward(modality, .)`` runs, in order."""
+        self._check(modality)
+        if self.mode == "per_modality":
+            return [self.projectors[modality]]
+        return [self.input_layers[modality], self.shared]
+
+    def parameters_for(self, modality: str) -> list[nn.Parameter]:
+        """Parameters that ``forward(modality, .)`` uses (shared ones included)."""
+        return [p for m in self.modules_for(modality) for p in m.parameters()]
+
+    def _check(self, modality: str) -> None:
+        if modality not in self.enc_hidden:
+            raise KeyError(f"connector has no modality {modality!r}; it has {self.modalities}")
+
+    # ---- compute -------------------------------------------------------------------------------
+    def forward(self, modality: str, features: torch.Tensor) -> torch.Tensor:
+        """``features [N, T, D_m] -> [N, T, llm_hidden]``."""
+        self._check(modality)
+        if features.shape[-1] != self.enc_hidden[modality]:
+            raise ValueError(f"connector[{modality!r}] expects features of width "
+                             f"{self.enc_hidden[modality]}, got shape {tuple(features.shape)}")
+        x = features
+        for module in self.modules_for(modality):
+            p = next(module.parameters(), None)
+            if p is not None and x.dtype != p.dtype:
+                x = x.to(p.dtype)
+            x = module(x)
+        return x
+
+    def dummy_output(self, modality: str) -> torch.Tensor:
+        """``0 * connector(zeros(1, 1, D_m)).sum()``: a zero scalar that puts every parameter of
+        ``modality``'s path in the autograd graph (LLaVA's trick for batches lacking a modality,
+        so DeepSpeed/DDP see a gradient -- zero -- for every trainable parameter)."""
+        ref = next(iter(self.parameters_for(modality)), None)
+        kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        x = torch.zeros(1, 1, self.enc_hidden[modality], **kw)
+        return self.forward(modality, x).sum() * 0.0
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """JSON-able description from which :meth:`from_config` rebuilds the same structure."""
+        return {
+            "mode": self.mode,
+            "llm_hidden": self.llm_hidden,
+            "projector_type": self.projector_type,
+            "shared_dim": self.shared_dim,
+            "modalities": {m: {"enc_hidden": self.enc_hidden[m],
+                               "projector_type": self.projector_types[m]}
+                           for m in self.modalities},
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "Connector":
+        conn = cls(cfg["llm_hidden"], cfg["mode"], cfg.get("projector_type"), cfg.get("shared_dim"))
+        for m, entry in (cfg.get("modalities") or {}).items():
+            conn.add_modality(m, entry["enc_hidden"], entry.get("projector_type"))
+        return conn
+
+    def input_layer_state(self, modality: str) -> dict[str, torch.Tensor]:
+        """shared mode: the state dict (``weight``, ``bias``) of ``input_layers[modality]``."""
+        self._check(modality)
+        if self.mode != "shared":
+            raise ValueError("input_layer_state: only the shared mode has input layers")
+        return {k: v.detach().clone() for k, v in self.input_layers[modality].state_dict().items()}
+
+    def llava_projector_state(self, modality: str, fold_input_layer: bool = False
+                              ) -> tuple[str, int, dict[str, torch.Tensor]]:
+        """``(mm_projector_type, mm_hidden_size, state_dict)`` in LLaVA's layout, for export.
+
+        per_modality: ``projectors[modality]``, ``mm_hidden_size`` = the encoder width.
+
+        shared: by default the shared projector with ``mm_hidden_size = shared_dim``; the input
+        layer is *not* included (get it from :meth:`input_layer_state`). With
+        ``fold_input_layer=True`` the input layer is folded into the projector's first linear
+        layer (two affine maps compose exactly: ``W = W1 W0, b = W1 b0 + b1``), giving a stand-alone
+        LLaVA projector from the encoder width (``mm_hidden_size = enc_hidden``) with the same
+        outputs; possible when the shared projector is a plain ``linear``, ``mlp{N}x_gelu`` or
+        ``identity`` (not when a method plugin has wrapped it).
+        """
+        self._check(modality)
+        if self.mode == "per_modality":
+            sd = {k: v.detach().clone() for k, v in self.projectors[modality].state_dict().items()}
+            return self.projector_types[modality], self.enc_hidden[modality], sd
+        sd = {k: v.detach().clone() for k, v in self.shared.state_dict().items()}
+        ptype = self.projector_type
+        if not fold_input_layer:
+            return ptype, self.shared_dim, sd
+        w0 = self.input_layers[modality].weight.detach()
+        b0 = self.input_layers[modality].bias.detach()
+        if ptype == "identity" and not sd:
+            return "linear", self.enc_hidden[modality], {"weight": w0.clone(), "bias": b0.clone()}
+        first = "weight" if ptype == "linear" else "0.weight" if _MLP.match(ptype or "") else None
+        expected = ({"weight", "bias"} if ptype == "linear" else
+                    {f"{2 * i}.{n}" for i in range(int(_MLP.match(ptype).group(1)))
+                     for n in ("weight", "bias")} if first else set())
+        if first is None or set(sd) != expected:
+            raise ValueError(f"cannot fold the input layer of {modality!r} into shared projector "
+                             f"{ptype!r} with parameters {sorted(sd)} (wrapped by a method?)")
+        bias_key = first.replace("weight", "bias")
+        w1, b1 = sd[first].float(), sd[bias_key].float()
+        sd[first] = (w1 @ w0.float()).to(sd[first].dtype)
+        sd[bias_key] = (w1 @ b0.float() + b1).to(sd[bias_key].dtype)
+        return ptype, self.enc_hidden[modality], sd

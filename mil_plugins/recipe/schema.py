@@ -1,0 +1,166 @@
+"""The recipe schema: every section, key, type and default, as plain data.
+
+A field is ``(type, default)``; ``type`` is a Python type, a tuple of types, ``None`` allowed via
+``Optional``, or a nested schema (dict). ``REQUIRED`` marks fields without a default. Sections that
+are free-form maps (``modalities``: options per modality plugin) are checked by the plugins
+themselves in ``recipe.validate``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REQUIRED = object()
+ANY = object()
+
+
+class Optional:
+    """A field that may also be null."""
+
+    def __init__(self, *types: Any):
+        self.types = types
+
+
+class ListOf:
+    def __init__(self, item: Any):
+        self.item = item
+
+
+class MapOf:
+    """A mapping with free keys (names) and values of one type or schema."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+NUMBER = (int, float)
+
+LLM = {
+    "pretrained": (Optional(str), None),     # hub id or local dir, e.g. lmsys/vicuna-7b-v1.5
+    "config": (Optional(dict), None),        # AutoConfig.for_model kwargs for a model built from config
+}
+
+TOKENIZER = {
+    "pretrained": (Optional(str), None),     # defaults to llm.pretrained
+    "build_from_data": (bool, False),        # word-level tokenizer over the recipe's manifests
+}
+
+CONNECTOR = {
+    "mode": (str, "shared"),                 # shared | per_modality
+    "projector_type": (Optional(str), "mlp2x_gelu"),
+    "projector_types": (MapOf(str), {}),
+    "shared_dim": (Optional(int), None),
+}
+
+LORA = {
+    "r": (int, 8),
+    "alpha": (NUMBER, 16),
+    "dropout": (NUMBER, 0.0),
+    "target_modules": (ListOf(str), ["q_proj", "v_proj"]),
+}
+
+MODEL = {
+    "llm": (LLM, REQUIRED),
+    "tokenizer": (TOKENIZER, {}),
+    "template": (str, "v1"),
+    "max_length": (int, 512),
+    "dtype": (str, "float32"),               # float32 | bfloat16 | float16
+    "connector": (CONNECTOR, {}),
+    "lora": (Optional(LORA), None),
+    "init_from": (Optional(str), None),      # a checkpoint dir to start from (e.g. an adopted LLaVA)
+}
+
+GENERATE = {
+    "size": (str, "tiny"),
+    "seed": (int, 0),
+}
+
+DATA = {
+    "root": (str, REQUIRED),                 # media and manifest paths are relative to it
+    "generate": (Optional(GENERATE), None),  # generate the built-in benchmark here when missing
+    "on_error": (str, "raise"),              # raise | skip (skipped samples are counted)
+    "max_train_samples": (Optional(int), None),
+    "max_test_samples": (Optional(int), None),
+}
+
+STAGE = {
+    "name": (str, REQUIRED),
+    "modality": (Optional(str), None),       # None = text only
+    "train": (str, REQUIRED),                # manifest relative to data.root
+    "test": (Optional(str), None),
+    "epochs": (Optional(NUMBER), None),      # default: train.epochs
+    "max_steps": (Optional(int), None),
+    "lr": (Optional(NUMBER), None),
+    "mm_projector_lr": (Optional(NUMBER), None),
+    "trainable": (Optional(ListOf(str)), None),
+}
+
+METHOD = {
+    "name": (str, REQUIRED),
+    "options": (dict, {}),
+}
+
+TRAIN = {
+    "seed": (int, 0),
+    "batch_size": (int, 16),                 # global batch (all ranks x accumulation)
+    "grad_accum": (int, 1),
+    "epochs": (NUMBER, 1),
+    "max_steps": (Optional(int), None),
+    "lr": (NUMBER, 2e-5),
+    "mm_projector_lr": (Optional(NUMBER), None),  # LLaVA's separate projector LR
+    "weight_decay": (NUMBER, 0.0),
+    "warmup_ratio": (NUMBER, 0.03),
+    "scheduler": (str, "cosine"),            # cosine | linear | constant
+    "max_grad_norm": (NUMBER, 1.0),
+    "trainable": (ListOf(str), ["connector"]),
+    "precision": (str, "fp32"),              # fp32 | bf16 | fp16
+    "deepspeed": (Optional(str), None),      # a ZeRO JSON (recipes/deepspeed/...) used under the launcher
+    "save_every_steps": (int, 0),
+    "feature_cache": (bool, True),
+    "num_workers": (int, 0),
+    "log_every_steps": (int, 10),
+}
+
+WARMUP = {
+    "train": (str, REQUIRED),
+    "epochs": (NUMBER, 1),
+    "max_steps": (Optional(int), None),
+    "lr": (Optional(NUMBER), None),
+    "trainable": (ListOf(str), ["llm"]),
+}
+
+EVAL = {
+    "batch_size": (int, 32),
+    "max_new_tokens": (int, 16),
+    "unseen": (bool, False),                 # also score stages not trained yet (forward transfer)
+    "baseline": (bool, False),               # score every stage before any training (b_i for FWT)
+}
+
+OUTPUT = {
+    "dir": (str, REQUIRED),
+    "tensorboard": (bool, True),
+    "keep_stage_checkpoints": (bool, True),
+}
+
+RECIPE = {
+    "extends": (Optional(str), None),
+    "model": (MODEL, REQUIRED),
+    "modalities": (MapOf(dict), {}),
+    "data": (DATA, REQUIRED),
+    "warmup": (Optional(WARMUP), None),
+    "stages": (ListOf(STAGE), REQUIRED),
+    "methods": (ListOf(METHOD), [{"name": "finetune"}]),
+    "train": (TRAIN, {}),
+    "eval": (EVAL, {}),
+    "output": (OUTPUT, REQUIRED),
+}
+
+TRAINABLE_GROUPS = ("llm", "lora", "connector", "encoder", "embeddings")
+CHOICES = {
+    ("model", "connector", "mode"): ("shared", "per_modality"),
+    ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("data", "on_error"): ("raise", "skip"),
+    ("data", "generate", "size"): ("tiny", "small", "full"),
+    ("train", "scheduler"): ("cosine", "linear", "constant"),
+    ("train", "precision"): ("fp32", "bf16", "fp16"),
+}

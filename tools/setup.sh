@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Set up everything mil-plugins needs, from nothing, into ./.venv (idempotent; a second run is quick).
+#
+#   bash tools/setup.sh            # then: .venv/bin/mil ..., .venv/bin/python -m pytest
+#
+# Pins (requirements/constraints.txt holds the exact versions of the whole stack):
+#   torch==2.13.0        the CPU wheel these machines carry on disk (an unpinned torch pulls a multi-GB
+#                        CUDA build). timm/torchvision are not used: PyPI's torchvision does not import
+#                        beside torch 2.13.0 CPU. For GPU nodes see README "Install on GPU machines".
+#   deepspeed==0.19.8    built from source with DS_BUILD_OPS=0 (ops JIT-compile on GPU when needed),
+#                        --no-build-isolation so that its build sees our torch instead of fetching one.
+#   open3d-cpu==0.20.0   needs the Debian package libusb-1.0-0 to import; installed here when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if ! ldconfig -p 2>/dev/null | grep -q "libusb-1.0.so.0"; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing libusb-1.0-0 (open3d needs it)"
+    (apt-get update -qq && apt-get install -y -qq libusb-1.0-0) >/dev/null
+  else
+    echo "[setup] warning: libusb-1.0-0 is missing; open3d (point clouds) will not import." >&2
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+stamp=.venv/.mil-setup-stamp
+want=$(cat requirements/constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "[setup] .venv is up to date"
+  exit 0
+fi
+
+# pip's output goes to a log that is shown only when pip fails
+pip_install() {
+  local log; log=$(mktemp)
+  if ! $PIP install -q -c requirements/constraints.txt "$@" >"$log" 2>&1; then
+    grep -v "is ignored" "$log" >&2; rm -f "$log"; return 1
+  fi
+  rm -f "$log"
+}
+echo "[setup] torch (CPU wheel)"
+pip_install "torch==2.13.0"
+echo "[setup] mil-plugins and its dependencies"
+pip_install -e ".[test]"
+echo "[setup] deepspeed (from source, DS_BUILD_OPS=0)"
+DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed==0.19.8"
+.venv/bin/python -c "import torch, transformers, peft, deepspeed, librosa, av, open3d, mil_plugins" \
+  || { echo "[setup] import check failed" >&2; exit 1; }
+echo "$want" > "$stamp"
+echo "[setup] done: torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"
