@@ -1,0 +1,181 @@
+"""The one training loop, for a single process and for DeepSpeed alike.
+
+Data order is a pure function of (seed, stage, epoch): every epoch is a seeded permutation cut into
+global batches (padded by wrapping so that every rank takes the same number of steps); rank ``r``
+takes its slice of each global batch. So a 2-process DeepSpeed run sees the same global batches as a
+single process, and a resumed run picks up exactly where the killed one stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from mil_plugins.engine.optim import make_scheduler, param_groups
+
+
+@dataclass
+class StagePlan:
+    key: str                       # "warmup" or the stage's name (used in logs and checkpoints)
+    index: int                     # -1 for the warm-up
+    samples: list
+    epochs: float
+    max_steps: int | None
+    lr: float
+    mm_projector_lr: float | None
+
+
+def epoch_order(n: int, seed: int, stage_index: int, epoch: int, global_batch: int) -> list[list[int]]:
+    """The global batches of one epoch: a seeded permutation, padded by wrapping to full batches."""
+    g = torch.Generator()
+    g.manual_seed(1_000_003 * (seed + 1) + 7919 * (stage_index + 2) + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    steps = math.ceil(n / global_batch)
+    need = steps * global_batch
+    while len(perm) < need:
+        perm += perm[: need - len(perm)]
+    return [perm[i * global_batch:(i + 1) * global_batch] for i in range(steps)]
+
+
+def rank_micro_batches(global_batch: list[int], rank: int, world: int, accum: int) -> list[list[int]]:
+    per_rank = len(global_batch) // world
+    mine = global_batch[rank * per_rank:(rank + 1) * per_rank]
+    micro = per_rank // accum
+    return [mine[i * micro:(i + 1) * micro] for i in range(accum)]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device)
+        elif isinstance(value, dict):
+            out[key] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+class PlainBackend:
+    """Single-process optimisation with gradient accumulation and clipping."""
+
+    def __init__(self, model, optimizer, scheduler, accum: int, max_grad_norm: float):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.accum, self.max_grad_norm = accum, max_grad_norm
+        self.micro = 0
+
+    def forward(self, batch):
+        return self.model(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.accum:
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class DeepSpeedBackend:
+    """The same contract over a DeepSpeed engine (ZeRO, accumulation, clipping from the config)."""
+
+    def __init__(self, model, optimizer, scheduler, ds_config: dict):
+        import deepspeed
+
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params,
+            config=ds_config)
+
+    def forward(self, batch):
+        return self.engine(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+
+def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callable[[list], dict],
+                train_cfg: dict, dist, ds_config: dict | None, logger,
+                start_step: int = 0, optimizer_state: dict | None = None,
+                on_checkpoint: Callable[[int, Any, Any], None] | None = None) -> dict:
+    """Train one stage; returns {"steps", "seconds", "loss"}."""
+    model = ctx.model
+    accum, world = train_cfg["grad_accum"], dist.world_size
+    global_batch = train_cfg["batch_size"]
+    n = len(plan.samples)
+    if n == 0:
+        raise ValueError(f"stage {plan.key!r} has no training samples")
+    steps_per_epoch = math.ceil(n / global_batch)
+    total = plan.max_steps or max(1, math.ceil(plan.epochs * steps_per_epoch))
+
+    groups = param_groups(model, plan.lr, train_cfg["weight_decay"], plan.mm_projector_lr)
+    if not groups:
+        raise ValueError(f"stage {plan.key!r}: nothing is trainable (check train.trainable and "
+                         f"the methods' trainable hooks)")
+    optimizer = torch.optim.AdamW(groups, lr=plan.lr, foreach=False)
+    scheduler = make_scheduler(optimizer, train_cfg["scheduler"], total, train_cfg["warmup_ratio"])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        scheduler.load_state_dict(optimizer_state["scheduler"])
+    if ds_config is not None:
+        backend = DeepSpeedBackend(model, optimizer, scheduler, ds_config)
+    else:
+        backend = PlainBackend(model, optimizer, scheduler, accum, train_cfg["max_grad_norm"])
+
+    model.train()
+    started = time.perf_counter()
+    step, last_loss = start_step, float("nan")
+    bar = tqdm(total=total, initial=start_step, desc=f"train {plan.key}", disable=not dist.is_main,
+               mininterval=1.0, leave=False, dynamic_ncols=True)
+    epoch = start_step // steps_per_epoch
+    while step < total:
+        batches = epoch_order(n, train_cfg["seed"], plan.index, epoch, global_batch)
+        for k in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            if step >= total:
+                break
+            terms_sum: dict[str, float] = {}
+            loss_sum = 0.0
+            for micro in rank_micro_batches(batches[k], dist.rank, world, accum):
+                batch = to_device(collate([dataset[i] for i in micro]), dist.device)
+                for method in methods:
+                    method.before_forward(ctx, batch)
+                outputs = backend.forward(batch)
+                loss = outputs.loss
+                for method in methods:
+                    for name, value in (method.loss_terms(ctx, batch, outputs) or {}).items():
+                        loss = loss + value
+                        terms_sum[f"{method.name}/{name}"] = (terms_sum.get(f"{method.name}/{name}", 0.0)
+                                                              + float(value.detach()) / accum)
+                backend.backward(loss)
+                backend.step()
+                loss_sum += float(outputs.loss.detach()) / accum
+            step += 1
+            last_loss = loss_sum
+            for method in methods:
+                method.after_step(ctx, ctx.stage, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}")
+            if step % train_cfg["log_every_steps"] == 0 or step == total:
+                logger.log({"stage": plan.key, "step": step, "loss": loss_sum,
+                            "lr": optimizer.param_groups[0]["lr"], **terms_sum})
+            every = train_cfg["save_every_steps"]
+            if on_checkpoint and every and step % every == 0 and step < total:
+                on_checkpoint(step, optimizer, scheduler)
+        epoch += 1
+    bar.close()
+    model.eval()
+    return {"steps": step, "seconds": time.perf_counter() - started, "loss": last_loss}

@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Train a recipe stage after stage.
+
+    deepspeed tools/train.py recipes/quickstart.yaml [key=value ...]     # DeepSpeed, any scale
+    python tools/train.py recipes/quickstart.yaml [key=value ...]        # one process
+    python tools/train.py recipes/quickstart.yaml --resume               # continue a killed run
+
+The deepspeed launcher's ``--local_rank`` is accepted and ignored (ranks come from the environment).
+"""
+
+import sys
+
+from mil_plugins.engine.run import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
