@@ -170,10 +170,7 @@ def _check_section(data: dict, section: dict, source: str, path: str) -> dict:
         if key not in data:
             if default is S.REQUIRED:
                 raise RecipeError(source, here, "missing required key")
-            value = copy.deepcopy(default)
-            if isinstance(spec, dict) and isinstance(value, dict):
-                value = _check_section(value, spec, source, here)
-            out[key] = value
+            out[key] = _check(copy.deepcopy(default), spec, source, here)
             continue
         out[key] = _check(data[key], spec, source, here)
         choices = S.CHOICES.get(tuple(here.split(".")))
