@@ -89,6 +89,17 @@ def media_shape(plugin: ModalityPlugin) -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
+def one_thread():
+    """Tiny models run ~10x faster on one intra-op thread than on two contended cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def registered_fakes():
     """Register the fake plugins in the modality registry for the duration of the block."""
     from mil_plugins.plugins import MODALITIES
@@ -96,7 +107,8 @@ def registered_fakes():
     MODALITIES.register(VecPlugin.name, VecPlugin, replace=True)
     MODALITIES.register(SeqPlugin.name, SeqPlugin, replace=True)
     try:
-        yield
+        with one_thread():
+            yield
     finally:
         MODALITIES.unregister(VecPlugin.name)
         MODALITIES.unregister(SeqPlugin.name)

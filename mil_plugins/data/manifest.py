@@ -36,7 +36,7 @@ from mil_plugins.data.errors import DataError
 
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt",
                 "system": "system"}
-METADATA_KEYS = ("task", "metric", "meta", "source")
+METADATA_KEYS = ("task", "metric", "options", "meta", "source")  # options: answer choices of a QA sample
 BASE_KEYS = ("id", "conversations")
 # keys that are modalities in LLaVA-style data even when no plugin for them is enabled (error hints)
 COMMON_MODALITY_KEYS = ("image", "images", "video", "videos", "audio", "depth", "point", "pointcloud",

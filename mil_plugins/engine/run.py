@@ -91,7 +91,7 @@ class Session:
         seed_everything(self.seed)
         from mil_plugins.model.build import build_model
 
-        model_cfg = {"llm": recipe["model"]["llm"], "dtype": recipe["model"]["dtype"],
+        model_cfg = {"llm": {k: v for k, v in recipe["model"]["llm"].items() if v is not None}, "dtype": recipe["model"]["dtype"],
                      "modalities": recipe["modalities"], "connector": self._connector_cfg(),
                      "lora": recipe["model"]["lora"]}
         self.model = build_model(model_cfg, self.tokenizer).to(dist.device)

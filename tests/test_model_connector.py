@@ -1,0 +1,117 @@
+import pytest
+import torch
+from torch import nn
+
+from mil_plugins.model.connector import Connector
+
+
+def test_per_modality_names_and_shapes():
+    c = Connector(16, "per_modality", "mlp2x_gelu")
+    c.add_modality("audio", 8)
+    c.add_modality("point", 6, "linear")
+    names = [n for n, _ in c.named_parameters()]
+    assert names == ["projectors.audio.0.weight", "projectors.audio.0.bias",
+                     "projectors.audio.2.weight", "projectors.audio.2.bias",
+                     "projectors.point.weight", "projectors.point.bias"]
+    assert c.shared is None and len(c.input_layers) == 0
+    assert c("audio", torch.randn(3, 5, 8)).shape == (3, 5, 16)
+    assert c("point", torch.randn(2, 7, 6)).shape == (2, 7, 16)
+    assert c.modalities == ["audio", "point"]
+    with pytest.raises(ValueError, match="width"):
+        c("audio", torch.randn(1, 2, 6))
+    with pytest.raises(KeyError, match="video"):
+        c("video", torch.randn(1, 2, 6))
+    with pytest.raises(ValueError, match="already"):
+        c.add_modality("audio", 8)
+
+
+def test_per_modality_isolation():
+    c = Connector(16, "per_modality")
+    c.add_modality("a", 8)
+    c.add_modality("b", 8)
+    c("a", torch.randn(2, 3, 8)).sum().backward()
+    assert all(p.grad is not None for p in c.projectors["a"].parameters())
+    assert all(p.grad is None for p in c.projectors["b"].parameters())
+
+
+def test_shared_names_and_sharing():
+    c = Connector(16, "shared", "mlp2x_gelu", shared_dim=12)
+    c.add_modality("audio", 8)
+    c.add_modality("depth", 5)
+    names = [n for n, _ in c.named_parameters()]
+    assert names == ["input_layers.audio.weight", "input_layers.audio.bias",
+                     "input_layers.depth.weight", "input_layers.depth.bias",
+                     "shared.0.weight", "shared.0.bias", "shared.2.weight", "shared.2.bias"]
+    assert c.input_layers["depth"].weight.shape == (12, 5)
+    assert c("depth", torch.randn(2, 4, 5)).shape == (2, 4, 16)
+    c("audio", torch.randn(2, 4, 8)).sum().backward()
+    assert c.shared[0].weight.grad is not None and c.input_layers["depth"].weight.grad is None
+    assert c.parameters_for("audio")[-1] is c.shared[2].bias
+
+
+def test_shared_defaults_and_bad_mode():
+    c = Connector(16, "shared")
+    assert c.projector_type == "mlp2x_gelu" and c.shared_dim == 16
+    with pytest.raises(ValueError, match="mode"):
+        Connector(16, "both")
+
+
+def test_add_modality_later_follows_dtype():
+    c = Connector(16, "shared", "linear", shared_dim=8).to(torch.bfloat16)
+    c.add_modality("video", 4)
+    assert c.input_layers["video"].weight.dtype == torch.bfloat16
+    out = c("video", torch.randn(1, 2, 4))  # float32 input is cast
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 2, 16)
+
+
+def test_wrapped_shared_projector_is_used():
+    c = Connector(16, "shared", "linear")
+    c.add_modality("a", 4)
+
+    class Gate(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.scale = inner, nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    c.shared = Gate(c.shared)
+    assert torch.equal(c("a", torch.randn(1, 2, 4)), torch.zeros(1, 2, 16))
+    assert "shared.inner.weight" in dict(c.named_parameters())
+
+
+def test_config_roundtrip_and_dummy():
+    c = Connector(16, "shared", "mlp2x_gelu", shared_dim=12)
+    c.add_modality("a", 8)
+    c2 = Connector.from_config(c.config())
+    c2.load_state_dict(c.state_dict())
+    x = torch.randn(2, 3, 8)
+    assert torch.equal(c("a", x), c2("a", x))
+    d = c.dummy_output("a")
+    assert d.item() == 0.0 and d.requires_grad
+    d.backward()
+    assert all(p.grad is not None for p in c.parameters())
+
+
+def test_llava_projector_state():
+    c = Connector(16, "per_modality")
+    c.add_modality("a", 8, "mlp2x_gelu")
+    ptype, mm, sd = c.llava_projector_state("a")
+    assert (ptype, mm, sorted(sd)) == ("mlp2x_gelu", 8, ["0.bias", "0.weight", "2.bias", "2.weight"])
+
+    s = Connector(16, "shared", "mlp2x_gelu", shared_dim=12)
+    s.add_modality("a", 8)
+    ptype, mm, sd = s.llava_projector_state("a")
+    assert (ptype, mm) == ("mlp2x_gelu", 12) and sd["0.weight"].shape == (16, 12)
+    assert set(s.input_layer_state("a")) == {"weight", "bias"}
+    # folding the input layer gives a stand-alone LLaVA projector with the same outputs
+    ptype, mm, sd = s.llava_projector_state("a", fold_input_layer=True)
+    assert (ptype, mm) == ("mlp2x_gelu", 8)
+    from mil_plugins.projectors import build_projector
+    p = build_projector(ptype, mm, 16)
+    p.load_state_dict(sd)
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(p(x), s("a", x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        c.input_layer_state("a")
