@@ -7,12 +7,12 @@ that transfer and forgetting can be measured; see ``docs/benchmark.md`` for the 
 """
 
 from .concepts import (CONCEPTS, MODALITIES, PLACEHOLDERS, TASKS, Task, answer_vocabulary, bleu4,
-                       chance_level, exact_match, get_task)
+                       chance_level, corpus_bleu4, exact_match, get_task)
 from .generate import BENCHMARK_FILE, SIZES, VERSION, make_benchmark
 from .manifest import check_sample, read_manifest, write_json, write_manifest
 
 __all__ = [
     "BENCHMARK_FILE", "CONCEPTS", "MODALITIES", "PLACEHOLDERS", "SIZES", "TASKS", "Task", "VERSION",
-    "answer_vocabulary", "bleu4", "chance_level", "check_sample", "exact_match", "get_task",
-    "make_benchmark", "read_manifest", "write_json", "write_manifest",
+    "answer_vocabulary", "bleu4", "chance_level", "check_sample", "corpus_bleu4", "exact_match",
+    "get_task", "make_benchmark", "read_manifest", "write_json", "write_manifest",
 ]

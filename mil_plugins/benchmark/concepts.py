@@ -223,29 +223,52 @@ def _ngrams(tokens: list[str], n: int) -> Counter:
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
-def bleu4(prediction: str, reference: str) -> float:
-    """Sentence-level BLEU-4 (uniform weights, brevity penalty) on lower-cased whitespace tokens.
-
-    Smoothing: add-one on the 2- to 4-gram precisions (Lin & Och 2004, NLTK's ``method2`` applied to
-    n > 1), so that a short, partly right phrase scores above 0. An empty prediction scores 0.
-    """
+def _bleu_stats(prediction: str, reference: str) -> tuple[list[int], list[int], int, int]:
     hyp = normalize_answer(prediction).split()
     ref = normalize_answer(reference).split()
-    if not hyp or not ref:
-        return 0.0
-    log_p = 0.0
+    numer, denom = [], []
     for n in range(1, 5):
         h, r = _ngrams(hyp, n), _ngrams(ref, n)
-        match = sum(min(c, r[g]) for g, c in h.items())
-        total = max(len(hyp) - n + 1, 0)
-        if n == 1:
-            if match == 0:
-                return 0.0
-            log_p += math.log(match / total)
-        else:
-            log_p += math.log((match + 1) / (total + 1))
-    bp = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))
+        numer.append(sum(min(c, r[g]) for g, c in h.items()))
+        denom.append(max(1, len(hyp) - n + 1))
+    return numer, denom, len(hyp), len(ref)
+
+
+def _bleu(numer, denom, hyp_len, ref_len, smooth) -> float:
+    if hyp_len == 0 or numer[0] == 0:
+        return 0.0
+    log_p = 0.0
+    for n, (m, d) in enumerate(zip(numer, denom)):
+        if smooth == "add1" and n > 0:
+            log_p += math.log((m + 1) / (d + 1))
+        else:                                           # "epsilon": NLTK method1, eps = 0.1
+            log_p += math.log((m if m else 0.1) / d)
+    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
     return bp * math.exp(log_p / 4)
+
+
+def bleu4(prediction: str, reference: str) -> float:
+    """Sentence-level BLEU-4 in [0, 1] (uniform weights, brevity penalty), whitespace tokens.
+
+    Add-one smoothing of the 2- to 4-gram precisions (Lin & Och 2004, NLTK ``method2``), so that a
+    short, partly right phrase scores above 0; no unigram match or an empty prediction scores 0.
+    """
+    return _bleu(*_bleu_stats(prediction, reference), smooth="add1")
+
+
+def corpus_bleu4(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU-4 in [0, 1] as NLTK's ``corpus_bleu`` with ``method1`` smoothing (eps 0.1):
+    clipped n-gram matches and counts are summed over the corpus before the precisions are taken.
+    This is what ``mil_plugins.scoring`` reports (x 100) for ``bleu4`` tasks."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError("need as many predictions as references, at least one")
+    numer, denom, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    for p, r in zip(predictions, references):
+        m, d, h, rl = _bleu_stats(p, r)
+        numer = [a + b for a, b in zip(numer, m)]
+        denom = [a + b for a, b in zip(denom, d)]
+        hyp_len, ref_len = hyp_len + h, ref_len + rl
+    return _bleu(numer, denom, hyp_len, ref_len, smooth="epsilon")
 
 
 METRICS = {EXACT_MATCH: exact_match, BLEU4: bleu4}
@@ -255,15 +278,16 @@ METRICS = {EXACT_MATCH: exact_match, BLEU4: bleu4}
 def chance_level(modality: str, task: str) -> float:
     """Expected score of guessing uniformly at random among the possible answers.
 
-    QA: 1 / number of options (answers are balanced). Captioning: mean BLEU-4 (:func:`bleu4`) of a
-    caption of a uniformly random scene against the caption of the true scene, over every pair of
-    scenes (attributes are balanced, so this is the expectation).
+    QA: 1 / number of options (answers are balanced). Captioning: corpus BLEU-4
+    (:func:`corpus_bleu4`, the evaluator's metric) of the captions of uniformly random scenes
+    against the true ones, i.e. taken over every (guess, truth) pair of scenes: the value that
+    random guessing tends to on a large, balanced test split.
     """
     t = get_task(modality, task)
     if t.metric == EXACT_MATCH:
         return 1.0 / len(t.options)
     caps = [t.answer(a) for a in all_scenes(modality)]
-    return sum(bleu4(p, r) for p in caps for r in caps) / (len(caps) ** 2)
+    return corpus_bleu4([p for p in caps for _ in caps], [r for _ in caps for r in caps])
 
 
 # -- balanced scenes -------------------------------------------------------------------------------

@@ -75,6 +75,9 @@ class PlainBackend:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum).backward()
 
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
     def step(self) -> None:
         self.micro += 1
         if self.micro % self.accum:
@@ -106,6 +109,12 @@ class DeepSpeedBackend:
 
     def step(self) -> None:
         self.engine.step()
+
+    def close(self) -> None:
+        """Remove the engine's gradient hooks so the next stage's engine starts clean."""
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
 
 
 def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callable[[list], dict],
@@ -177,5 +186,6 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
                 on_checkpoint(step, optimizer, scheduler)
         epoch += 1
     bar.close()
+    backend.close()
     model.eval()
     return {"steps": step, "seconds": time.perf_counter() - started, "loss": last_loss}

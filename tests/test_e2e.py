@@ -1,0 +1,167 @@
+"""End to end: the real recipes, through the real launchers, at tiny scale.
+
+* the quickstart (all five modality stages) through plain ``python tools/train.py``
+* the same recipe through the ``deepspeed`` launcher, 2 processes on CPU (gloo, ZeRO-2), whose
+  metrics must match a single-process run
+* a run killed mid-stage and resumed, which must end exactly like an uninterrupted run
+* ``mil eval`` and ``mil export`` on the checkpoints a run wrote
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+TRAIN = [sys.executable, str(ROOT / "tools" / "train.py")]
+TWO_STAGES = ("stages=[{name: image, modality: image, train: image/train.json, test: image/test.json},"
+              " {name: audio, modality: audio, train: audio/train.json, test: audio/test.json}]")
+
+pytestmark = pytest.mark.slow
+
+
+def env():
+    e = dict(os.environ)
+    e.setdefault("MIL_NUM_THREADS", "1")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from mil_plugins.benchmark import make_benchmark
+
+    root = tmp_path_factory.mktemp("bench") / "mcl-tiny"
+    make_benchmark(root, size="tiny", seed=0)
+    return root
+
+
+def common(bench, out, *extra):
+    return [f"data.root={bench}", f"output.dir={out}", "output.tensorboard=false", *extra]
+
+
+def run(cmd, timeout=600, **kw):
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=timeout, **kw)
+    assert proc.returncode == 0, f"{cmd}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_quickstart_all_stages_plain_python(bench, tmp_path):
+    out = tmp_path / "qs"
+    run([*TRAIN, str(QUICKSTART), *common(bench, out, "warmup.epochs=1", "train.epochs=1")])
+    m = metrics(out)
+    assert m["stages"] == ["image", "video", "audio", "depth", "point"]
+    R = m["accuracy_matrix"]
+    assert len(R) == 5 and all(len(row) == 5 for row in R)
+    for i in range(5):
+        for j in range(5):
+            assert (R[i][j] is None) == (j > i)
+            if j <= i:
+                assert 0.0 <= R[i][j] <= 100.0
+    for key in ("final_average_accuracy", "average_incremental_accuracy", "forgetting",
+                "backward_transfer", "MFT", "MFN", "MAA"):
+        assert isinstance(m[key], float), key
+    assert len(m["trainable_parameters"]) == 5 and all(n > 0 for n in m["trainable_parameters"])
+    assert len(m["seconds"]) == 5
+    for name in ("report.md", "accuracy_matrix.png", "accuracy_curves.png", "logs/train.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "accuracy_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for i, stage in enumerate(m["stages"]):
+        assert (out / "checkpoints" / f"stage-{i + 1:02d}-{stage}" / "weights.safetensors").exists()
+
+
+def test_deepspeed_two_processes_match_single_process(bench, tmp_path):
+    pytest.importorskip("deepspeed")
+    overrides = [TWO_STAGES, "warmup.max_steps=6", "train.max_steps=6", "train.batch_size=8"]
+    single, multi = tmp_path / "single", tmp_path / "ds"
+    run([*TRAIN, str(QUICKSTART), *common(bench, single, *overrides)])
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    run([deepspeed, "--num_gpus", "2", "--master_port", "29533", str(ROOT / "tools" / "train.py"),
+         str(QUICKSTART), *common(bench, multi, *overrides, "train.deepspeed=recipes/deepspeed/zero2.json")],
+        timeout=900)
+    a, b = metrics(single), metrics(multi)
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
+        for x, y in zip(ra, rb):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert abs(x - y) <= 15.0, (a["accuracy_matrix"], b["accuracy_matrix"])
+    loss_a = [r["loss"] for r in map(json.loads, (single / "logs/train.jsonl").read_text().splitlines())
+              if "loss" in r]
+    loss_b = [r["loss"] for r in map(json.loads, (multi / "logs/train.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(loss_a) == len(loss_b)
+    assert loss_a[0] == pytest.approx(loss_b[0], rel=0.05)
+
+
+def test_killed_run_resumes_to_the_same_result(bench, tmp_path):
+    overrides = [TWO_STAGES, "warmup.max_steps=4", "train.max_steps=8", "train.batch_size=8",
+                 "train.save_every_steps=2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run([*TRAIN, str(QUICKSTART), *common(bench, full, *overrides)])
+
+    proc = subprocess.Popen([*TRAIN, str(QUICKSTART), *common(bench, killed, *overrides)], cwd=ROOT,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "checkpoints" / "last" / "state.json"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if state.exists():
+                s = json.loads(state.read_text())
+                if s["in_stage"] == "audio" and s["step"] >= 2:
+                    break
+            if proc.poll() is not None:
+                pytest.fail("the run finished before it could be killed mid-stage")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (killed / "metrics.json").exists() or metrics(killed)["completed_stages"] < 2
+    run([*TRAIN, str(QUICKSTART), *common(bench, killed, *overrides), "--resume"])
+    a, b = metrics(full), metrics(killed)
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    wa = (full / "checkpoints" / "stage-02-audio" / "weights.safetensors")
+    wb = (killed / "checkpoints" / "stage-02-audio" / "weights.safetensors")
+    from safetensors.torch import load_file
+    ta, tb = load_file(str(wa)), load_file(str(wb))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], atol=1e-6), k
+
+
+def test_eval_and_export_from_a_checkpoint(bench, tmp_path):
+    out = tmp_path / "run"
+    run([*TRAIN, str(QUICKSTART), *common(bench, out, TWO_STAGES, "warmup.max_steps=2",
+                                          "train.max_steps=2")])
+    ckpt = out / "checkpoints" / "stage-02-audio"
+    scores = tmp_path / "scores.json"
+    mil = [sys.executable, "-m", "mil_plugins.cli"]
+    run([*mil, "eval", str(ckpt), str(bench / "image" / "test.json"), "--root", str(bench),
+         "--out", str(scores)])
+    result = json.loads(scores.read_text())
+    ours = next(iter(result.values()))["score"]
+    assert ours == pytest.approx(metrics(out)["accuracy_matrix"][1][0], abs=1e-6)
+
+    export = tmp_path / "llava"
+    run([*mil, "export", str(ckpt), "--to", "llava", str(export)])
+    for modality in ("image", "audio"):
+        raw = torch.load(export / modality / "mm_projector.bin", weights_only=True)
+        assert "model.mm_projector.0.weight" in raw and "model.mm_projector.2.bias" in raw
+        cfg = json.loads((export / modality / "config.json").read_text())
+        assert cfg["mm_projector_type"] == "mlp2x_gelu"
+        assert raw["model.mm_projector.0.weight"].shape[1] == cfg["mm_hidden_size"]
