@@ -419,7 +419,8 @@ class Runner:
             "seconds": s["seconds"][:done],
             "method": "+".join(m["name"] for m in self.recipe["methods"]),
             "recipe": self.recipe.get("_source", ""),
-            "per_task": s["per_task"], "skipped_samples": self.session.skipped,
+            "per_task": s["per_task"].get(s["stages"][done - 1], {}) if done else {},
+            "skipped_samples": self.session.skipped,
             "completed_stages": done, "world_size": self.dist.world_size,
         }
         if s["baseline"] is not None:
@@ -441,7 +442,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    torch.set_num_threads(max(1, int(os.environ.get("MIL_NUM_THREADS", torch.get_num_threads()))))
+    threads = os.environ.get("MIL_NUM_THREADS") or recipe["train"]["num_threads"]
+    if threads:
+        torch.set_num_threads(int(threads))
     runner = Runner(recipe, resume=args.resume)
     metrics = runner.run()
     if runner.dist.is_main:

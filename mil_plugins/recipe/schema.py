@@ -67,7 +67,6 @@ MODEL = {
     "dtype": (str, "float32"),               # float32 | bfloat16 | float16
     "connector": (CONNECTOR, {}),
     "lora": (Optional(LORA), None),
-    "init_from": (Optional(str), None),      # a checkpoint dir to start from (e.g. an adopted LLaVA)
 }
 
 GENERATE = {
@@ -117,7 +116,8 @@ TRAIN = {
     "deepspeed": (Optional(str), None),      # a ZeRO JSON (recipes/deepspeed/...) used under the launcher
     "save_every_steps": (int, 0),
     "feature_cache": (bool, True),
-    "num_workers": (int, 0),
+    "num_threads": (Optional(int), None),    # torch CPU threads (null: torch's default); 1 is
+                                             # fastest for tiny models on small machines
     "log_every_steps": (int, 10),
 }
 
