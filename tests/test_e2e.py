@@ -47,7 +47,8 @@ def bench(tmp_path_factory):
 
 
 def common(bench, out, *extra):
-    return [f"data.root={bench}", f"output.dir={out}", "output.tensorboard=false", *extra]
+    return [f"data.root={bench}", "data.generate.size=tiny", f"output.dir={out}",
+            "output.tensorboard=false", *extra]
 
 
 def run(cmd, timeout=600, **kw):
