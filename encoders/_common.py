@@ -8,7 +8,6 @@ option validation, and the seeded, frozen-by-default construction of encoders.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -50,6 +49,10 @@ def describe_exc(exc: BaseException) -> str:
 
 # ---- images -------------------------------------------------------------------------------------
 
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def open_image(path: str | Path, modality: str, what: str = "image"):
     """Open and fully decode an image with Pillow, or raise :class:`ModalityInputError`."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -59,7 +62,7 @@ def open_image(path: str | Path, modality: str, what: str = "image"):
         img = Image.open(p)
     except UnidentifiedImageError:
         raise ModalityInputError(
-            path, f"not an {what} file Pillow can read (unrecognised format; expected one of "
+            path, f"not {_article(what)} {what} file Pillow can read (unrecognised format; expected one of "
                   f"{', '.join(IMAGE_EXTENSIONS)})", modality) from None
     except Exception as exc:  # DecompressionBombError, OSError, ...
         raise ModalityInputError(path, f"cannot open {what} ({describe_exc(exc)})", modality) from None
@@ -140,7 +143,8 @@ def check_vit_options(options: dict, modality: str) -> None:
     check_positive_int(options, ("image_size", "patch_size", "hidden_size", "layers", "heads"),
                        modality)
     check_choice(options, "select_feature", ("patch", "cls_patch"), modality)
-    check_choice(options, "resample", tuple(_RESAMPLE), modality)
+    if "resample" in options:
+        check_choice(options, "resample", tuple(_RESAMPLE), modality)
     if options["pretrained"] is None:
         require(options["image_size"] % options["patch_size"] == 0, modality,
                 f"image_size {options['image_size']} is not a multiple of patch_size "
@@ -173,6 +177,3 @@ def finish_encoder(encoder: torch.nn.Module, options: dict[str, Any]) -> torch.n
     encoder.requires_grad_(bool(options.get("trainable", False)))
     return encoder.eval()
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
