@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -50,8 +51,9 @@ class MethodContext:
 
     def generator(self, *salt: Any) -> torch.Generator:
         """A seeded torch.Generator for (seed, stage, salt...): repeatable randomness for methods."""
+        key = repr((self.seed, self.stage.index if self.stage else -1, *salt)).encode()
         g = torch.Generator()
-        g.manual_seed(hash((self.seed, self.stage.index if self.stage else -1, *salt)) % (2**63))
+        g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") % (2**63))
         return g
 
 

@@ -366,9 +366,10 @@ class Runner:
         for stage in stages[self.state["completed"]:]:
             cfg = stage.config
             self.ctx.stage = stage
-            self.ctx._teacher = lazy_frozen_copy(self.model)
             for method in self.methods:
                 method.before_stage(self.ctx, stage)
+            # after before_stage, so modules a method just added (zero-initialised) exist in it too
+            self.ctx._teacher = lazy_frozen_copy(self.model)
             samples = list(stage.train_samples)
             for method in self.methods:
                 samples = method.train_samples(self.ctx, stage, samples)

@@ -1,0 +1,379 @@
+"""``expansion``: a new low-rank adapter per stage, frozen after its stage, routed by modality.
+
+Parameter-isolation baseline: model expansion / per-task LoRA (He et al., 2023, "Continual
+Instruction Tuning for Large Multimodal Models", arXiv 2311.16206). Every stage gets its own
+adapter; once the stage is over the adapter is frozen, and at inference each sample's modality
+selects the adapter of the (latest) stage that trained that modality. Nothing shared keeps
+training after the first stage, so earlier modalities cannot be overwritten; the price is
+parameters that grow with the stages and no transfer between them.
+
+Where the adapters go (``target``):
+
+``connector`` -- the shared connector (``model.connector.mode: shared``)
+    One ``LowRankAdapter`` per stage, parallel to ``connector.shared`` (``shared(x) + up(down(x)) *
+    alpha/rank``, ``up`` zero-initialised, so a new adapter starts as a no-op). The adapters live in
+    ``connector.expansion`` (parameters ``connector.expansion.adapters.stage<i>.{down,up}.weight``;
+    the base projector keeps its names, so LLaVA export of the base still works). Routing needs no
+    batch information: a pre-hook on each ``connector.input_layers[m]`` tells the adapter stack
+    which modality is being projected, so mixed-modality batches are routed per sample.
+``lora`` -- the LLM's LoRA (``model.lora`` set)
+    One PEFT LoRA adapter per stage (``peft_model.add_adapter("stage<i>", <the recipe's
+    LoraConfig>)``), active together with the recipe's ``default`` adapter (the base). Routing is
+    per batch: ``before_forward`` reads ``batch["modalities"]`` and activates ``default`` + the
+    adapter of that modality; a batch mixing routed modalities raises ``ValueError``.
+``auto`` (default) -- ``connector`` when the connector is shared and the recipe trains it, and
+    ``lora`` when the LLM has LoRA and the recipe trains it (both when both).
+
+Hooks:
+  ``setup``          create every stage's adapters (up front, so that the engine's teacher copy
+                     and checkpoints always see the same module structure)
+  ``before_stage``   route the stage's modality (``"text"`` for a text-only stage) to its adapter;
+                     a modality that returns in a later stage starts from a copy of its previous
+                     adapter
+  ``trainable``      for each target the recipe trains this stage: drop the base (after the first
+                     stage, see ``train_base``) and every other stage's adapter, add this stage's
+  ``before_forward`` activate the LoRA adapters of the batch's modality (``lora`` target)
+  ``state_dict``     adapters (key, stage, modality), routes and targets; ``load_state_dict``
+                     re-creates missing adapters before the engine copies the weights in
+
+``train_base: first_stage`` (default) trains the base (``connector.shared`` / ``default`` LoRA)
+together with the first stage's adapter, then freezes it; ``never`` freezes it from the start (for
+a pretrained connector). Modalities that no stage has routed yet (``eval.unseen``) run the base only.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from mil_plugins.methods._common import batch_routes
+from mil_plugins.methods.base import Method
+
+TARGETS = ("auto", "connector", "lora", "both")
+TRAIN_BASE = ("first_stage", "never")
+PREFIX = "connector.expansion."
+
+
+def stage_key(index: int) -> str:
+    return f"stage{index}"
+
+
+def stage_route(stage) -> str:
+    return stage.modality or "text"
+
+
+class LowRankAdapter(nn.Module):
+    """``x -> up(down(dropout(x))) * alpha / rank``; ``up`` starts at zero (a no-op adapter)."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.down = nn.Linear(d_in, rank, bias=False)
+        self.up = nn.Linear(rank, d_out, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.scale = float(alpha) / float(rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(self.dropout(x))) * self.scale
+
+
+class ConnectorExpansion(nn.Module):
+    """Per-stage adapters parallel to ``connector.shared``, routed by the modality being projected.
+
+    :meth:`attach` registers a forward pre-hook on every ``connector.input_layers[m]`` (remembering
+    ``m``) and a forward hook on ``connector.shared`` (adding the routed adapter's output). Hooks
+    are bound methods of this module, so a ``copy.deepcopy`` of the model (the engine's teacher)
+    routes through its own copy of the adapters.
+    """
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.d_in, self.d_out = int(d_in), int(d_out)
+        self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
+        self.adapters = nn.ModuleDict()
+        self.routes: dict[str, str] = {}  # modality -> adapter key
+        self.current: str | None = None   # modality being projected
+
+    def add(self, key: str) -> LowRankAdapter:
+        adapter = LowRankAdapter(self.d_in, self.d_out, self.rank, self.alpha, self.dropout)
+        self.adapters[key] = adapter
+        return adapter
+
+    def attach(self, connector: nn.Module) -> None:
+        for modality, layer in connector.input_layers.items():
+            layer.register_forward_pre_hook(functools.partial(self._enter, modality))
+        connector.shared.register_forward_hook(self._leave)
+
+    def _enter(self, modality: str, module: nn.Module, args: Any) -> None:
+        self.current = modality
+
+    def _leave(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        key = self.routes.get(self.current) if self.current is not None else None
+        if key is not None and key in self.adapters:
+            x = args[0]
+            adapter = self.adapters[key]
+            p = adapter.up.weight
+            output = output + adapter(x.to(p.dtype)).to(output.dtype)
+        if torch.is_grad_enabled():
+            # a zero term for every trainable adapter not on this path, so that DDP / ZeRO see a
+            # gradient for each trainable parameter on every batch (LLaVA's dummy-term contract)
+            idle = [q for k, a in self.adapters.items() if k != key
+                    for q in a.parameters() if q.requires_grad]
+            if idle:
+                output = output + (sum(q.sum() for q in idle) * 0.0).to(output.dtype)
+        return output
+
+
+def _lora_adapter_of(name: str) -> str | None:
+    """The PEFT adapter a parameter belongs to (``...lora_A.<adapter>.weight``), else None."""
+    if not name.startswith("llm."):
+        return None
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_"):
+            return parts[i + 1]
+    return None
+
+
+class Expansion(Method):
+    name = "expansion"
+    default_options = {
+        "target": "auto",            # auto | connector | lora | both
+        "rank": 8,                   # connector adapters' rank (LoRA adapters copy the recipe's config)
+        "alpha": 16.0,               # connector adapters' scale numerator (alpha / rank)
+        "dropout": 0.0,              # connector adapters' input dropout
+        "train_base": "first_stage",  # first_stage | never
+    }
+    conflicts = {
+        "joint": "expansion freezes each earlier stage's adapter and routes that modality to it, "
+                 "so joint's earlier-stage samples would train nothing",
+        "replay": "expansion freezes each earlier stage's adapter and routes that modality to it, "
+                  "so replayed samples would train nothing",
+    }
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        if o["target"] not in TARGETS:
+            raise ValueError(f"method 'expansion': target must be one of {TARGETS}, got {o['target']!r}")
+        if o["train_base"] not in TRAIN_BASE:
+            raise ValueError(f"method 'expansion': train_base must be one of {TRAIN_BASE}, "
+                             f"got {o['train_base']!r}")
+        if int(o["rank"]) < 1:
+            raise ValueError("method 'expansion': rank must be >= 1")
+        self.model: nn.Module | None = None
+        self.targets: list[str] = []
+        self.adapters: list[dict] = []       # [{"key", "stage", "index", "modality"}]
+        self.routes: dict[str, str] = {}     # route ("image", ..., "text") -> adapter key
+        self.base_adapters: list[str] = []   # PEFT adapters that existed before setup
+        self._lora_cfg = None
+        self._active: list[str] | None = None
+        self._pending: dict | None = None
+        self._layers: list | None = None     # the PEFT tuner layers of self.model (cached)
+
+    # ---- structure ---------------------------------------------------------------------------
+    def _resolve_targets(self, ctx) -> list[str]:
+        model = ctx.model
+        shared = getattr(model.connector, "mode", None) == "shared"
+        peft = bool(getattr(model, "is_peft", False))
+        want = self.options["target"]
+        if want == "auto":
+            recipe = ctx.recipe or {}
+            groups = set((recipe.get("train") or {}).get("trainable") or ())
+            for st in ctx.stages:
+                groups |= set((st.config or {}).get("trainable") or ())
+            out = []
+            if shared and (not groups or "connector" in groups):
+                out.append("connector")
+            if peft and (not groups or "lora" in groups):
+                out.append("lora")
+            if not out:
+                raise ValueError(
+                    "method 'expansion': nothing to expand -- it needs a shared connector "
+                    "(model.connector.mode: shared) trained by the recipe ('connector' group) or a "
+                    "LoRA LLM (model.lora) trained by the recipe ('lora' group)")
+            return out
+        out = ["connector", "lora"] if want == "both" else [want]
+        if "connector" in out and not shared:
+            raise ValueError("method 'expansion': target 'connector' needs model.connector.mode: "
+                             "shared (per-modality projectors are already isolated)")
+        if "lora" in out and not peft:
+            raise ValueError("method 'expansion': target 'lora' needs model.lora (a PEFT LLM)")
+        return out
+
+    def _connector_stack(self) -> ConnectorExpansion:
+        return self.model.connector.expansion
+
+    def _add_adapter(self, key: str) -> None:
+        if "connector" in self.targets and key not in self._connector_stack().adapters:
+            adapter = self._connector_stack().add(key)
+            ref = next(self.model.connector.shared.parameters(), None)
+            if ref is not None:
+                adapter.to(device=ref.device, dtype=ref.dtype)
+        if "lora" in self.targets and key not in self.model.llm.peft_config:
+            llm = self.model.llm
+            llm.add_adapter(key, copy.deepcopy(self._lora_cfg))
+            ref = next(p for n, p in llm.named_parameters()
+                       if _lora_adapter_of("llm." + n) in self.base_adapters)
+            for n, p in llm.named_parameters():
+                if _lora_adapter_of("llm." + n) == key:
+                    p.data = p.data.to(device=ref.device, dtype=ref.dtype)
+
+    def setup(self, ctx):
+        self.model, self._layers = ctx.model, None
+        self.targets = self._resolve_targets(ctx)
+        if "connector" in self.targets and not hasattr(ctx.model.connector, "expansion"):
+            conn = ctx.model.connector
+            stack = ConnectorExpansion(conn.shared_dim, conn.llm_hidden, self.options["rank"],
+                                       self.options["alpha"], self.options["dropout"])
+            ref = next(conn.shared.parameters(), None)
+            if ref is not None:
+                stack.to(device=ref.device, dtype=ref.dtype)
+            conn.expansion = stack
+            stack.attach(conn)
+        if "lora" in self.targets:
+            llm = ctx.model.llm
+            mine = {stage_key(st.index) for st in ctx.stages}
+            self.base_adapters = [a for a in llm.peft_config if a not in mine]
+            if not self.base_adapters:
+                raise ValueError("method 'expansion': the PEFT LLM has no base adapter to copy")
+            self._lora_cfg = copy.deepcopy(llm.peft_config[self.base_adapters[0]])
+            self._lora_tuner_layers()  # fail early if peft has no tuner layers
+        self.adapters = []
+        for stage in ctx.stages:
+            self._add_adapter(stage_key(stage.index))
+            self.adapters.append({"key": stage_key(stage.index), "stage": stage.name,
+                                  "index": stage.index, "modality": stage.modality})
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.load_state_dict(pending)
+
+    def _lora_tuner_layers(self) -> list:
+        if self._layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            layers = [m for m in self.model.llm.modules() if isinstance(m, BaseTunerLayer)]
+            if not layers:
+                raise ValueError("method 'expansion': the PEFT LLM has no LoRA layers")
+            self._layers = layers
+        return self._layers
+
+    def _set_routes(self, routes: dict[str, str]) -> None:
+        self.routes = dict(routes)
+        if "connector" in self.targets:
+            self._connector_stack().routes = dict(routes)
+
+    def _copy_adapter(self, src: str, dst: str) -> None:
+        with torch.no_grad():
+            if "connector" in self.targets:
+                stack = self._connector_stack()
+                stack.adapters[dst].load_state_dict(stack.adapters[src].state_dict())
+            if "lora" in self.targets:
+                params = dict(self.model.llm.named_parameters())
+                for n, p in params.items():
+                    if _lora_adapter_of("llm." + n) == src:
+                        other = n.replace(f".{src}.", f".{dst}.") if not n.endswith(f".{src}") \
+                            else n[: -len(src)] + dst
+                        if other in params:
+                            params[other].copy_(p)
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def before_stage(self, ctx, stage):
+        key, route = stage_key(stage.index), stage_route(stage)
+        previous = self.routes.get(route)
+        if previous is not None and previous != key:
+            self._copy_adapter(previous, key)  # a returning modality starts from its last adapter
+        self._set_routes({**self.routes, route: key})
+        self._active = None
+
+    def trainable(self, ctx, stage, names):
+        key = stage_key(stage.index)
+        keep_base = self.options["train_base"] == "first_stage" and not ctx.seen
+        all_names = [n for n, _ in ctx.model.named_parameters()]
+        out = set(names)
+        if "connector" in self.targets:
+            trains = any(n.startswith("connector.shared.") for n in names)
+            out = {n for n in out if not n.startswith(PREFIX)
+                   and (keep_base or not n.startswith("connector.shared."))}
+            if trains:
+                mine = f"{PREFIX}adapters.{key}."
+                out |= {n for n in all_names if n.startswith(mine)}
+        if "lora" in self.targets:
+            trains = any(_lora_adapter_of(n) is not None for n in names)
+            out = {n for n in out if _lora_adapter_of(n) is None
+                   or (keep_base and _lora_adapter_of(n) in self.base_adapters)}
+            if trains:
+                out |= {n for n in all_names if _lora_adapter_of(n) == key}
+        return out
+
+    def _route_of_batch(self, batch: dict) -> str | None:
+        per_sample = batch_routes(batch)
+        if not per_sample and batch.get("media"):
+            per_sample = ["+".join(sorted(batch["media"]))]
+        keys = set()
+        for route in per_sample:
+            key = self.routes.get(route)
+            if key is None and route != "text":
+                hits = {self.routes[m] for m in route.split("+") if m in self.routes}
+                key = hits.pop() if len(hits) == 1 else None
+            if route != "text" or key is not None:
+                keys.add(key)
+        if len(keys) > 1:
+            raise ValueError(
+                f"method 'expansion' (target lora) routes whole batches, but this batch mixes "
+                f"samples of differently routed modalities {sorted(set(per_sample))}; use "
+                f"single-modality batches or target: connector (routed per sample)")
+        if keys:
+            return keys.pop()
+        return self.routes.get("text")
+
+    def before_forward(self, ctx, batch):
+        if "lora" not in self.targets:
+            return
+        key = self._route_of_batch(batch)
+        active = list(self.base_adapters) + ([key] if key is not None else [])
+        layers = self._lora_tuner_layers()
+        if self._active == active and list(layers[0].active_adapters) == active:
+            return
+        for layer in layers:  # set_adapter flips requires_grad; keep the engine's choice
+            flags = [(p, p.requires_grad) for p in layer.parameters()]
+            layer.set_adapter(active)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        self._active = active
+
+    def state_dict(self):
+        return {"targets": list(self.targets), "adapters": [dict(a) for a in self.adapters],
+                "routes": dict(self.routes), "options": {k: self.options[k] for k in
+                                                         ("rank", "alpha", "train_base")}}
+
+    def load_state_dict(self, state):
+        if not state:
+            return
+        if self.model is None:  # not set up yet: applied at the end of setup
+            self._pending = state
+            return
+        saved = list(state.get("targets") or [])
+        if saved and saved != self.targets:
+            raise ValueError(f"method 'expansion': the checkpoint has adapters on {saved} but this "
+                             f"recipe expands {self.targets} (was the model or target changed?)")
+        if "connector" in self.targets:
+            stack = self._connector_stack()
+            rank = int((state.get("options") or {}).get("rank", stack.rank))
+            if rank != stack.rank:
+                raise ValueError(f"method 'expansion': checkpoint adapters have rank {rank}, the "
+                                 f"recipe asks for {stack.rank}")
+        known = {a["key"] for a in self.adapters}
+        for entry in state.get("adapters") or []:
+            if entry["key"] not in known:
+                self._add_adapter(entry["key"])
+                self.adapters.append(dict(entry))
+                known.add(entry["key"])
+        self._set_routes({str(k): str(v) for k, v in (state.get("routes") or {}).items()})
+        self._active = None
