@@ -69,7 +69,7 @@ def eval_checkpoint_cli(checkpoint: Path, manifests: list[Path], root: Path | No
     session = load_for_eval(checkpoint)
     results = {}
     for manifest in manifests:
-        samples = session.load_samples(manifest, root)
+        samples = session.load_samples(manifest.resolve(), root)
         rows = predict(session.model, samples, session.make_loader, methods=session.methods,
                        ctx=session.ctx, batch_size=batch_size,
                        max_new_tokens=session.recipe["eval"]["max_new_tokens"], desc=manifest.name)
