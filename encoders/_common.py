@@ -62,10 +62,11 @@ def open_image(path: str | Path, modality: str, what: str = "image"):
         img = Image.open(p)
     except UnidentifiedImageError:
         raise ModalityInputError(
-            path, f"not {_article(what)} {what} file Pillow can read (unrecognised format; expected one of "
-                  f"{', '.join(IMAGE_EXTENSIONS)})", modality) from None
+            path, f"not {_article(what)} {what} file Pillow can read (unrecognised format; "
+                  f"expected one of {', '.join(IMAGE_EXTENSIONS)})", modality) from None
     except Exception as exc:  # DecompressionBombError, OSError, ...
-        raise ModalityInputError(path, f"cannot open {what} ({describe_exc(exc)})", modality) from None
+        raise ModalityInputError(path, f"cannot open {what} ({describe_exc(exc)})",
+                                 modality) from None
     try:
         img.load()  # Image.open is lazy: truncated / corrupt pixel data only fails here
         img = ImageOps.exif_transpose(img) or img
@@ -90,7 +91,7 @@ _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1, "box": 4, 
 
 
 def resize_center_crop(img, size: int, resample: str = "bicubic"):
-    """Resize so the shorter side is ``size`` (aspect kept), then centre-crop ``size`` x ``size``."""
+    """Resize the shorter side to ``size`` (aspect kept), then centre-crop ``size`` x ``size``."""
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -150,7 +151,8 @@ def check_vit_options(options: dict, modality: str) -> None:
                 f"image_size {options['image_size']} is not a multiple of patch_size "
                 f"{options['patch_size']}")
         require(options["hidden_size"] % options["heads"] == 0, modality,
-                f"hidden_size {options['hidden_size']} is not divisible by heads {options['heads']}")
+                f"hidden_size {options['hidden_size']} is not divisible by heads "
+                f"{options['heads']}")
     for k in ("mean", "std"):
         require(len(options[k]) == 3, modality, f"option {k} needs 3 values (R, G, B)")
     require(all(s > 0 for s in options["std"]), modality, "std values must be > 0")

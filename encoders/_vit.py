@@ -4,13 +4,13 @@
   dropout, no eval-mode fast path, so train and eval modes give identical outputs).
 * :class:`TinyViT` -- patch-embedding conv + CLS token + 2-D sin-cos positional embedding (a
   learnable parameter initialised deterministically) + ``layers`` blocks. Built from options alone.
-* :class:`HFVisionTower` -- a transformers vision tower (CLIP, SigLIP, or any ``AutoModel`` that takes
-  ``pixel_values``) loaded with ``from_pretrained``; hidden states at ``select_layer`` and
-  ``select_feature`` as LLaVA's ``CLIPVisionTower`` does (``"patch"`` drops the prefix tokens such as
-  CLS, ``"cls_patch"`` keeps them).
+* :class:`HFVisionTower` -- a transformers vision tower (CLIP, SigLIP, or any ``AutoModel`` that
+  takes ``pixel_values``) loaded with ``from_pretrained``; hidden states at ``select_layer`` and
+  ``select_feature`` as LLaVA's ``CLIPVisionTower`` does (``"patch"`` drops the prefix tokens such
+  as CLS, ``"cls_patch"`` keeps them).
 
-Both towers expose ``hidden_size``, ``num_tokens``, ``num_prefix`` (CLS-like tokens kept at the front)
-and ``grid`` (patch grid ``(h, w)``), which the video encoder uses for spatial pooling.
+Both towers expose ``hidden_size``, ``num_tokens``, ``num_prefix`` (CLS-like tokens kept at the
+front) and ``grid`` (patch grid ``(h, w)``), which the video encoder uses for spatial pooling.
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ class TinyViT(nn.Module):
         self.num_tokens = self.grid[0] * self.grid[1] + self.num_prefix
         self.image_size = image_size
         self.in_chans = in_chans
-        self.patch_embed = nn.Conv2d(in_chans, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.patch_embed = nn.Conv2d(in_chans, hidden_size, kernel_size=patch_size,
+                                     stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.pos_embed = nn.Parameter(sincos_2d(*self.grid, hidden_size)[None])
         self.transformer = Transformer(hidden_size, layers, heads, mlp_ratio)
@@ -184,12 +185,12 @@ def select_hidden(outputs: Any, select_layer: int) -> torch.Tensor:
 
 
 class HFVisionTower(nn.Module):
-    """A pretrained transformers vision tower, LLaVA-style feature selection: ``[B,3,S,S]->[B,T,D]``.
+    """A pretrained transformers vision tower, LLaVA feature selection: ``[B,3,S,S]->[B,T,D]``.
 
     ``select_layer`` indexes ``hidden_states`` (LLaVA's ``mm_vision_select_layer``; -2 = penultimate
     layer). ``select_feature="patch"`` drops the prefix tokens (CLS for CLIP, CLS + registers for
-    DINOv2-with-registers, none for SigLIP), ``"cls_patch"`` keeps them. The number of tokens and the
-    prefix length are measured with one dummy forward at build time.
+    DINOv2-with-registers, none for SigLIP), ``"cls_patch"`` keeps them. The number of tokens and
+    the prefix length are measured with one dummy forward at build time.
     """
 
     def __init__(self, pretrained: str, *, image_size: int, select_layer: int,
@@ -234,7 +235,7 @@ class HFVisionTower(nn.Module):
 
 
 def build_vision_tower(options: dict[str, Any], in_chans: int, modality: str) -> nn.Module:
-    """The tiny ViT (``pretrained: null``) or a pretrained transformers tower, from plugin options."""
+    """The tiny ViT (``pretrained: null``) or a pretrained transformers tower, from options."""
     select_layer = options["select_layer"]
     if options["pretrained"]:
         if in_chans != 3:

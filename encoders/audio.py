@@ -268,7 +268,7 @@ class AudioPlugin(ModalityPlugin):
         return np.ascontiguousarray(y, dtype=np.float32)
 
     def log_mel(self, y: np.ndarray) -> np.ndarray:
-        """Waveform at ``sample_rate`` -> float32 ``[n_mels, frames]`` (see the module docstring)."""
+        """Waveform at ``sample_rate`` -> float32 ``[n_mels, frames]`` (see the module doc)."""
         import librosa
 
         o = self.options

@@ -1,4 +1,4 @@
-"""Depth modality: 16-bit PNG / float TIFF / ``.npy`` / ``.npz`` depth maps -> ``[C, S, S]`` -> tokens.
+"""Depth modality: 16-bit PNG / float TIFF / ``.npy`` / ``.npz`` depth -> ``[C, S, S]`` -> tokens.
 
 Reading:
 
@@ -87,7 +87,7 @@ class DepthPlugin(ModalityPlugin):
 
     # ---- reading --------------------------------------------------------------------------------
     def load_depth(self, path: str | Path) -> np.ndarray:
-        """The raw depth map as float64 ``[H, W]`` (metres for PNG with the default png_scale)."""
+        """The raw depth map as float ``[H, W]`` (metres for PNG with the default png_scale)."""
         p = check_file(path, self.name)
         suffix = p.suffix.lower()
         if suffix in (".npy", ".npz"):
@@ -104,7 +104,7 @@ class DepthPlugin(ModalityPlugin):
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise ModalityInputError(path, f"depth array has dtype {arr.dtype}, expected float or "
                                            f"integer", self.name)
-        return arr.astype(np.float64)
+        return arr.astype(np.float32 if arr.dtype.itemsize <= 4 else np.float64, copy=False)
 
     def _load_numpy(self, p: Path, suffix: str) -> np.ndarray:
         try:
@@ -139,9 +139,10 @@ class DepthPlugin(ModalityPlugin):
 
         img = open_image(p, self.name, "depth image")
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "L"):
-            return np.asarray(img, dtype=np.float64) / float(self.options["png_scale"])
+            scale = np.float32(1.0 / float(self.options["png_scale"]))
+            return np.asarray(img, dtype=np.float32) * scale
         if img.mode == "F":
-            return np.asarray(img, dtype=np.float64)
+            return np.asarray(img, dtype=np.float32)
         raise ModalityInputError(
             p, f"is a colour image (mode {img.mode}), not a single-channel depth map (16-bit PNG "
                f"I;16 / I, float F, 8-bit L, or a .npy / .npz array)", self.name)
@@ -156,9 +157,10 @@ class DepthPlugin(ModalityPlugin):
             raise ModalityInputError(path, f"no valid depth pixel: all {depth.size} are 0, "
                                            f"negative, NaN or infinite", self.name)
         values = depth[valid]
-        lo = float(values.min()) if self.options["depth_min"] is None else float(self.options["depth_min"])
-        hi = float(values.max()) if self.options["depth_max"] is None else float(self.options["depth_max"])
-        out = np.zeros(depth.shape, np.float64)
+        lo, hi = self.options["depth_min"], self.options["depth_max"]
+        lo = float(values.min()) if lo is None else float(lo)
+        hi = float(values.max()) if hi is None else float(hi)
+        out = np.zeros(depth.shape, np.float32)
         if hi - lo > 1e-12:
             out[valid] = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
         else:
@@ -178,7 +180,8 @@ class DepthPlugin(ModalityPlugin):
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False,
                               antialias=nh < h or nw < w)
         top, left = (nh - size) // 2, (nw - size) // 2
-        num, den = x[0, 0, top: top + size, left: left + size], x[0, 1, top: top + size, left: left + size]
+        crop = x[0, :, top: top + size, left: left + size]
+        num, den = crop[0], crop[1]
         keep = den >= 0.5
         d = torch.where(keep, num / den.clamp_min(1e-6), torch.zeros_like(num)).clamp(0.0, 1.0)
         return d, keep.float()

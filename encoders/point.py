@@ -1,4 +1,4 @@
-"""Point-cloud modality: PLY / PCD / XYZ / PTS (open3d) or ``.npy`` -> ``[num_points, 3 | 6]`` -> tokens.
+"""Point-cloud modality: PLY / PCD / XYZ / PTS (open3d) or ``.npy`` -> ``[N, 3|6]`` -> tokens.
 
 Preprocessing:
 
@@ -12,8 +12,10 @@ Preprocessing:
 4. centre on the mean and scale into the unit sphere (max distance to the centre = 1), over all
    points (as Point-BERT's ``pc_normalize``).
 5. farthest-point sampling of ``num_points`` points, deterministic: it starts at point 0 of the
-   file. A cloud with fewer than ``num_points`` points is sampled *with repetition*: the
-   farthest-point order of all its points, repeated cyclically until ``num_points``.
+   file; the selected points are kept in file order (open3d's ``farthest_point_down_sample``, or
+   the same selection in numpy without open3d). A cloud with at most ``num_points`` points is
+   sampled *with repetition*: all its points in file order, repeated cyclically up to
+   ``num_points``.
 6. output float32 ``[num_points, 6]`` (xyz, rgb in [0, 1]) with ``use_colors: true`` (the
    default: colour is information a question may ask about; a file without colours is then an
    error), or ``[num_points, 3]`` with ``use_colors: false`` (xyz-only data such as ModelNet).
@@ -23,8 +25,8 @@ Encoder (Point-BERT / ULIP style, tiny random-init from options): farthest-point
 coordinates relative to the centre (colours as they are), a mini-PointNet patch embedding (shared
 MLP, max-pool, concatenated with the group's global feature, shared MLP, max-pool), a CLS token, a
 positional embedding from the centre coordinates (an MLP), ``layers`` transformer blocks. Defaults:
-512 points with colours, 16 groups of 32 -> 16 tokens of width 64. The PointNet uses LayerNorm where Point-BERT has BatchNorm, so the
-encoder is identical in train and eval mode.
+512 points with colours, 16 groups of 32 -> 16 tokens of width 64. The PointNet uses LayerNorm
+where Point-BERT has BatchNorm, so the encoder is identical in train and eval mode.
 
 ``pretrained``: no point-cloud encoder exists in transformers, so it is a ``.safetensors`` file (or
 a directory holding ``model.safetensors``) with *this* encoder's state dict (our own key layout,
@@ -109,21 +111,45 @@ def ply_problem(path: Path) -> str | None:
 
 
 def farthest_point_order(xyz: np.ndarray, m: int) -> np.ndarray:
-    """Indices of ``m`` farthest-point-sampled points starting at index 0 (numpy, deterministic).
+    """Indices of ``m`` farthest-point-sampled points, in selection order, starting at index 0.
 
-    With ``m > len(xyz)``: the farthest-point order of all points, repeated cyclically.
+    Plain numpy, O(N * m); ``m <= len(xyz)``.
     """
     n = len(xyz)
-    k = min(n, m)
-    idx = np.zeros(k, dtype=np.int64)
+    idx = np.zeros(m, dtype=np.int64)
     dist = np.full(n, np.inf)
     far = 0
-    for i in range(k):
+    for i in range(m):
         idx[i] = far
         d = ((xyz - xyz[far]) ** 2).sum(1)
         np.minimum(dist, d, out=dist)
         far = int(np.argmax(dist))
-    return np.resize(idx, m) if m > n else idx
+    return idx
+
+
+def sample_indices(xyz: np.ndarray, m: int, use_open3d: bool = True) -> np.ndarray:
+    """``m`` point indices: farthest-point sampling from index 0, returned in file order.
+
+    With fewer than ``m`` points: all of them, in file order, repeated cyclically. Uses open3d's
+    C++ ``farthest_point_down_sample`` (~25x faster than numpy) when available; the numpy fallback
+    selects the same set.
+    """
+    n = len(xyz)
+    if n <= m:
+        return np.resize(np.arange(n), m)
+    if use_open3d:
+        try:
+            import open3d as o3d
+        except ImportError:
+            use_open3d = False
+    if not use_open3d:
+        return np.sort(farthest_point_order(xyz, m))
+    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz))
+    # the index rides along as a normal: open3d returns the selected points, not their indices
+    index = np.repeat(np.arange(n, dtype=np.float64)[:, None], 3, 1)
+    pcd.normals = o3d.utility.Vector3dVector(index)
+    down = pcd.farthest_point_down_sample(m, 0)
+    return np.sort(np.asarray(down.normals)[:, 0].astype(np.int64))
 
 
 def farthest_point_sample(xyz: torch.Tensor, m: int) -> torch.Tensor:
@@ -144,19 +170,25 @@ def farthest_point_sample(xyz: torch.Tensor, m: int) -> torch.Tensor:
 class MiniPointNet(nn.Module):
     """Point-BERT's group encoder, LayerNorm in place of BatchNorm: ``[B, G, K, C] -> [B, G, D]``.
 
-    The normalisation matters for a frozen random encoder: relative coordinates inside a group are
-    small (~0.1-0.3), and without it the first layer stays in GELU's linear range.
+    Relative xyz goes through ``Linear + LayerNorm``; colours (``C == 6``) through their own
+    ``Linear``, added after the norm so that they do not drown the (small, ~0.1-0.3) relative
+    coordinates. The normalisation matters for a frozen random encoder: without it the first layer
+    stays in GELU's linear range and local shape is poorly encoded.
     """
 
     def __init__(self, in_dim: int, out_dim: int, width: int = 64):
         super().__init__()
-        self.first = nn.Sequential(nn.Linear(in_dim, width), nn.LayerNorm(width), nn.GELU(),
-                                   nn.Linear(width, 2 * width))
+        self.xyz = nn.Sequential(nn.Linear(3, width), nn.LayerNorm(width))
+        self.color = nn.Linear(in_dim - 3, width) if in_dim > 3 else None
+        self.first = nn.Sequential(nn.GELU(), nn.Linear(width, 2 * width))
         self.second = nn.Sequential(nn.Linear(4 * width, 2 * width), nn.LayerNorm(2 * width),
                                     nn.GELU(), nn.Linear(2 * width, out_dim))
 
     def forward(self, groups: torch.Tensor) -> torch.Tensor:
-        f = self.first(groups)
+        h = self.xyz(groups[..., :3])
+        if self.color is not None:
+            h = h + self.color(groups[..., 3:])
+        f = self.first(h)
         g = f.max(2, keepdim=True).values.expand_as(f)
         return self.second(torch.cat([g, f], -1)).max(2).values
 
@@ -210,7 +242,8 @@ def save_encoder(encoder: nn.Module, path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(path))
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, str(path))
     return path
 
 
@@ -353,7 +386,7 @@ class PointCloudPlugin(ModalityPlugin):
             raise ModalityInputError(path, f"all {len(xyz)} points are at the same place",
                                      self.name)
         xyz = xyz / scale
-        order = farthest_point_order(xyz, o["num_points"])
+        order = sample_indices(xyz, o["num_points"])
         out = xyz[order]
         if o["use_colors"]:
             out = np.concatenate([out, rgb[order]], 1)

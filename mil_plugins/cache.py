@@ -1,4 +1,4 @@
-"""Feature cache for frozen encoders: encode each file once, reuse the features every epoch and stage.
+"""Feature cache for frozen encoders: encode each file once, reuse the features in every epoch.
 
 A cache entry is keyed by what determines the features:
 
@@ -11,7 +11,8 @@ A cache entry is keyed by what determines the features:
 
 Entries are safetensors files ``<root>/<key[:2]>/<key>.safetensors`` holding one tensor
 ``"features"`` ``[T, D]``, written atomically (temporary file in the same folder, then
-``os.replace``), so concurrent writers (data-loader workers, ranks) never leave a half-written entry.
+``os.replace``), so concurrent writers (data-loader workers, ranks) never leave a half-written
+entry.
 An unreadable entry is treated as a miss and rewritten.
 
 Only use the cache for frozen encoders (``plugin.options["trainable"]`` false): features of a
@@ -62,11 +63,12 @@ def content_hash(path: str | Path) -> str:
 class FeatureCache:
     """A directory of cached encoder features, addressed by :meth:`key`."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, memoize_hashes: bool = True):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         # content hashes of files seen in this process, keyed by (path, size, mtime): hashing a
-        # large video once per epoch is avoidable
+        # large video once per epoch is avoidable (``memoize_hashes=False``: hash every time)
+        self.memoize_hashes = memoize_hashes
         self._hashes: dict[tuple[str, int, int], str] = {}
         self.hits = 0
         self.misses = 0
@@ -74,12 +76,11 @@ class FeatureCache:
     def _content_hash(self, path: str | Path) -> str:
         p = Path(path)
         st = p.stat()
+        if p.is_dir() or not self.memoize_hashes:
+            return content_hash(p)
         memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-        if p.is_dir() or memo not in self._hashes:
-            digest = content_hash(p)
-            if p.is_dir():
-                return digest
-            self._hashes[memo] = digest
+        if memo not in self._hashes:
+            self._hashes[memo] = content_hash(p)
         return self._hashes[memo]
 
     def key(self, plugin: ModalityPlugin, path: str | Path, encoder_fingerprint: str = "") -> str:
@@ -130,10 +131,19 @@ class FeatureCache:
             f.unlink(missing_ok=True)
 
 
+def _key_or_input_error(cache: FeatureCache, plugin: ModalityPlugin, path: str | Path,
+                        encoder_fingerprint: str) -> str:
+    try:
+        return cache.key(plugin, path, encoder_fingerprint)
+    except OSError:
+        plugin.preprocess(path)  # raises the plugin's ModalityInputError (missing, unreadable...)
+        raise
+
+
 def cached_encode(cache: FeatureCache, plugin: ModalityPlugin, encoder: nn.Module,
                   path: str | Path, encoder_fingerprint: str) -> torch.Tensor:
     """Features ``[T, D]`` of one file: from the cache, or preprocess + encode + store."""
-    key = cache.key(plugin, path, encoder_fingerprint)
+    key = _key_or_input_error(cache, plugin, path, encoder_fingerprint)
     hit = cache.get(key)
     if hit is not None:
         return hit
@@ -148,7 +158,7 @@ def cached_encode_batch(cache: FeatureCache, plugin: ModalityPlugin, encoder: nn
                         paths: Sequence[str | Path], encoder_fingerprint: str,
                         batch_size: int = 16) -> list[torch.Tensor]:
     """:func:`cached_encode` for many files, encoding the misses in batches of ``batch_size``."""
-    keys = [cache.key(plugin, p, encoder_fingerprint) for p in paths]
+    keys = [_key_or_input_error(cache, plugin, p, encoder_fingerprint) for p in paths]
     out: list[torch.Tensor | None] = [cache.get(k) for k in keys]
     todo = [i for i, t in enumerate(out) if t is None]
     for start in range(0, len(todo), batch_size):

@@ -148,7 +148,11 @@ def test_killed_run_resumes_to_the_same_result(bench, tmp_path):
 def test_eval_and_export_from_a_checkpoint(bench, tmp_path):
     out = tmp_path / "run"
     run([*TRAIN, str(QUICKSTART), *common(bench, out, TWO_STAGES, "warmup.max_steps=2",
-                                          "train.max_steps=2")])
+                                          "train.max_steps=2", "eval.unseen=true",
+                                          "eval.baseline=true")])
+    m = metrics(out)
+    assert m["accuracy_matrix"][0][1] is not None  # unseen stage scored (forward transfer)
+    assert len(m["baseline"]) == 2 and isinstance(m["forward_transfer"], float)
     ckpt = out / "checkpoints" / "stage-02-audio"
     scores = tmp_path / "scores.json"
     mil = [sys.executable, "-m", "mil_plugins.cli"]
