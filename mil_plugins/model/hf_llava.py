@@ -230,6 +230,28 @@ def from_hf_llava(llava: nn.Module, tokenizer: Any, *, copy_weights: bool = Fals
     return model
 
 
+def llava_vision_tower(enc: nn.Module) -> tuple[nn.Module, int | list[int], str]:
+    """``(transformers vision tower, vision_feature_layer, vision_feature_select_strategy)`` of an
+    image encoder that Llava can hold: an adopted tower, or the image plugin's pretrained tower
+    (``encoders.image`` with ``pretrained:`` a CLIP/SigLIP checkpoint)."""
+    if isinstance(enc, HFVisionTowerEncoder):
+        return enc.vision_tower, enc.feature_layer, enc.select_strategy
+    tower = getattr(enc, "tower", None)
+    hf_model = getattr(tower, "model", None)
+    if hf_model is not None and hasattr(hf_model, "config") and hasattr(tower, "prefix"):
+        if tower.num_prefix == tower.prefix:
+            strategy = "full"            # every token kept (SigLIP, or cls_patch)
+        elif tower.prefix == 1 and tower.num_prefix == 0:
+            strategy = "default"         # CLS dropped, as Llava's "default" does
+        else:
+            raise ValueError(f"to_hf_llava: a tower with {tower.prefix} prefix tokens of which "
+                             f"{tower.num_prefix} are kept has no Llava feature-select strategy")
+        return hf_model, tower.select_layer, strategy
+    raise TypeError(f"to_hf_llava: the image encoder is a {type(enc).__name__} without a "
+                    f"transformers vision tower; set `pretrained:` on the image modality (a CLIP "
+                    f"or SigLIP checkpoint) to export to LlavaForConditionalGeneration")
+
+
 def to_hf_llava(model: MultimodalLM):
     """A new ``LlavaForConditionalGeneration`` with copies of the image encoder (must be an
     :class:`HFVisionTowerEncoder`), the image projector (``mlp2x_gelu``; in shared connector mode
@@ -240,10 +262,7 @@ def to_hf_llava(model: MultimodalLM):
 
     if "image" not in model.plugins:
         raise ValueError(f"to_hf_llava: the model has no 'image' modality ({model.modalities})")
-    enc = model.encoders["image"]
-    if not isinstance(enc, HFVisionTowerEncoder):
-        raise TypeError(f"to_hf_llava: the image encoder is a {type(enc).__name__}; only a "
-                        f"transformers vision tower (HFVisionTowerEncoder) maps onto Llava")
+    tower, feature_layer, strategy = llava_vision_tower(model.encoders["image"])
     ptype, mm_hidden, proj_state = model.connector.llava_projector_state("image", fold_input_layer=True)
     if ptype != "mlp2x_gelu":
         raise ValueError(f"to_hf_llava: Llava's projector is mlp2x_gelu; the image projector is {ptype!r}")
@@ -253,19 +272,19 @@ def to_hf_llava(model: MultimodalLM):
     dtype = base.get_input_embeddings().weight.dtype
     text_config = copy.deepcopy(base.config)
     config = LlavaConfig(
-        vision_config=copy.deepcopy(enc.vision_tower.config),
+        vision_config=copy.deepcopy(tower.config),
         text_config=text_config,
         image_token_index=model.placeholder_ids["image"],
         image_seq_length=model.num_tokens["image"],
         projector_hidden_act="gelu",
-        vision_feature_select_strategy=enc.select_strategy,
-        vision_feature_layer=enc.feature_layer,
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=feature_layer,
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
     llava = LlavaForConditionalGeneration(config).to(dtype)
     state: dict[str, torch.Tensor] = {}
-    state.update({f"model.vision_tower.{k}": v for k, v in enc.vision_tower.state_dict().items()})
+    state.update({f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()})
     state.update({f"model.{k}": v for k, v in projector_to_hf(proj_state, ptype).items()})
     decoder = getattr(base, base.base_model_prefix)
     state.update({f"model.language_model.{k}": v for k, v in decoder.state_dict().items()})
