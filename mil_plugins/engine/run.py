@@ -91,10 +91,29 @@ class Session:
         seed_everything(self.seed)
         from mil_plugins.model.build import build_model
 
-        model_cfg = {"llm": {k: v for k, v in recipe["model"]["llm"].items() if v is not None}, "dtype": recipe["model"]["dtype"],
+        model_cfg = {"llm": {k: v for k, v in recipe["model"]["llm"].items()
+                             if v is not None and k != "llava"}, "dtype": recipe["model"]["dtype"],
                      "modalities": recipe["modalities"], "connector": self._connector_cfg(),
                      "lora": recipe["model"]["lora"]}
-        self.model = build_model(model_cfg, self.tokenizer).to(dist.device)
+        llava = recipe["model"]["llm"]["llava"]
+        if llava:
+            from mil_plugins.model.build import resolve_dtype
+            from mil_plugins.model.hf_llava import build_from_llava
+
+            conn = recipe["model"]["connector"]
+            if conn["mode"] != "per_modality":
+                raise ValueError("model.llm.llava: an adopted Llava keeps its own image projector; "
+                                 "set model.connector.mode: per_modality")
+            self.model = build_from_llava(llava, self.tokenizer, recipe["modalities"],
+                                          projector_type=conn["projector_type"],
+                                          projector_types=conn["projector_types"],
+                                          lora=recipe["model"]["lora"],
+                                          dtype=resolve_dtype(recipe["model"]["dtype"]))
+        else:
+            self.model = build_model(model_cfg, self.tokenizer)
+        self.model.to(dist.device)
+        # the model's plugin objects preprocess the data (an adopted tower brings its own image one)
+        self.plugins = dict(self.model.plugins)
         self.base_names = {n for n, _ in self.model.named_parameters()}
         self.methods = [METHODS.get(m["name"])(**m["options"]) for m in recipe["methods"]]
         self.ctx = MethodContext(model=self.model, recipe=recipe, stages=self.stages, dist=dist,
@@ -160,7 +179,8 @@ class Session:
                                                     for s in self.stages]:
                 texts.extend(self.template.text(s.conversations, placeholders) for s in samples)
             return build_word_tokenizer(texts, special_tokens=placeholders)
-        source = tok_cfg["pretrained"] or self.recipe["model"]["llm"]["pretrained"]
+        llm = self.recipe["model"]["llm"]
+        source = tok_cfg["pretrained"] or llm["pretrained"] or llm["llava"]
         return AutoTokenizer.from_pretrained(source)
 
     def _media_loader(self, modality: str, path: Path):

@@ -294,3 +294,30 @@ def to_hf_llava(model: MultimodalLM):
     if missing or unexpected:
         raise RuntimeError(f"to_hf_llava: state does not fit: missing {missing}, unexpected {unexpected}")
     return llava
+
+
+def build_from_llava(source: str, tokenizer: Any, modalities: dict[str, dict], *,
+                     projector_type: str | None = "mlp2x_gelu",
+                     projector_types: dict[str, str] | None = None,
+                     lora: dict | None = None, dtype: torch.dtype = torch.float32) -> MultimodalLM:
+    """A recipe's model adopted from a ``LlavaForConditionalGeneration`` checkpoint (hub id such
+    as ``llava-hf/llava-1.5-7b-hf``, or a directory): Llava's tower and projector are the image
+    modality, every other modality of the recipe gets its plugin's encoder and a projector of its
+    own (per-modality connector), and LoRA is applied to the LLM when the recipe asks for it."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mil_plugins.model.build import apply_lora
+    from mil_plugins.plugins import MODALITIES
+
+    llava = LlavaForConditionalGeneration.from_pretrained(str(source), dtype=dtype)
+    model = from_hf_llava(llava, tokenizer)
+    for name, options in modalities.items():
+        if name == "image":
+            continue  # the adopted tower is the image modality
+        plugin = MODALITIES.get(name)(**dict(options or {}))
+        model.add_modality(plugin, projector_type=(projector_types or {}).get(name) or projector_type)
+    if lora:
+        model.llm = apply_lora(model.llm, dict(lora))
+    model.to(dtype)
+    model.build_info["lora"] = copy.deepcopy(lora)
+    return model

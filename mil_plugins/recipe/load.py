@@ -247,11 +247,12 @@ def _check_names(recipe: dict, source: str) -> None:
         raise RecipeError(source, "methods", str(exc)) from None
 
     llm = recipe["model"]["llm"]
-    if (llm["pretrained"] is None) == (llm["config"] is None):
-        raise RecipeError(source, "model.llm", "give exactly one of `pretrained` (hub id or "
-                                               "directory) or `config` (build from config)")
+    if sum(llm[k] is not None for k in ("pretrained", "config", "llava")) != 1:
+        raise RecipeError(source, "model.llm", "give exactly one of `pretrained` (a causal LM hub "
+                          "id or directory), `config` (build from config) or `llava` (adopt a "
+                          "LlavaForConditionalGeneration checkpoint)")
     tok = recipe["model"]["tokenizer"]
-    if not tok["build_from_data"] and not (tok["pretrained"] or llm["pretrained"]):
+    if not tok["build_from_data"] and not (tok["pretrained"] or llm["pretrained"] or llm["llava"]):
         raise RecipeError(source, "model.tokenizer", "a model built from config needs "
                           "`tokenizer.pretrained` or `tokenizer.build_from_data: true`")
     if recipe["model"]["lora"] is None and "lora" in _all_groups(recipe):

@@ -38,6 +38,8 @@ NUMBER = (int, float)
 LLM = {
     "pretrained": (Optional(str), None),     # hub id or local dir, e.g. lmsys/vicuna-7b-v1.5
     "config": (Optional(dict), None),        # AutoConfig.for_model kwargs for a model built from config
+    "llava": (Optional(str), None),          # adopt a LlavaForConditionalGeneration (llava-hf/...):
+                                             # its tower + projector become the image modality
 }
 
 TOKENIZER = {
