@@ -60,6 +60,12 @@ def test_formats_agree(tmp_path):
         p.preprocess(tmp_path / "d.npz")
 
 
+def decode(x):
+    """depth_mask output -> (depth in [0, 1] with 0 where invalid, mask in {0, 1})."""
+    mask = (x[1] + 1) / 2
+    return (x[0] * 0.25 + 0.5) * mask, mask
+
+
 def test_normalisation_and_mask(tmp_path):
     d = scene(z_obj=1.0, cx=16, cy=16, wall=4.0, size=(32, 32))
     d[0, :] = 0
@@ -67,13 +73,15 @@ def test_normalisation_and_mask(tmp_path):
     d[2, :] = np.inf
     np.save(tmp_path / "d.npy", d)
     x = DepthPlugin().preprocess(tmp_path / "d.npy")              # fixed 0..10 m
-    depth, mask = x
+    assert (x[0][:3] == 0).all() and (x[1][:3] == -1).all() and (x[1][3:] == 1).all()
+    depth, mask = decode(x)
     assert (mask[:3] == 0).all() and (depth[:3] == 0).all() and (mask[3:] == 1).all()
     assert torch.isclose(depth[16, 16], torch.tensor(0.1)) and torch.isclose(depth[30, 2],
                                                                              torch.tensor(0.4))
-    rel = DepthPlugin(depth_min=None, depth_max=None).preprocess(tmp_path / "d.npy")[0]
+    rel = decode(DepthPlugin(depth_min=None, depth_max=None).preprocess(tmp_path / "d.npy"))[0]
     assert rel[16, 16] == 0 and rel[30, 2] == 1                   # per-image min/max
-    inv = DepthPlugin(depth_min=None, depth_max=None, invert=True).preprocess(tmp_path / "d.npy")[0]
+    inv = decode(DepthPlugin(depth_min=None, depth_max=None, invert=True)
+                 .preprocess(tmp_path / "d.npy"))[0]
     assert inv[16, 16] == 1 and inv[30, 2] == 0 and inv[0, 0] == 0
     gray = DepthPlugin(render="gray3").preprocess(tmp_path / "d.npy")
     assert gray.shape == (3, 32, 32)
@@ -82,7 +90,7 @@ def test_normalisation_and_mask(tmp_path):
     # constant map with per-image bounds -> 0.5; wide map -> centre crop
     np.save(tmp_path / "flat.npy", np.full((40, 80), 2.0))
     flat = DepthPlugin(depth_min=None, depth_max=None).preprocess(tmp_path / "flat.npy")
-    assert flat.shape == (2, 32, 32) and torch.allclose(flat[0], torch.full((32, 32), 0.5))
+    assert flat.shape == (2, 32, 32) and torch.allclose(decode(flat)[0], torch.full((32, 32), 0.5))
 
 
 def test_determinism_and_encoder(tmp_path):
