@@ -68,6 +68,7 @@ class DepthPlugin(ModalityPlugin):
         "png_scale": 1000.0,     # integer PNG value / png_scale = depth (1000: mm -> m)
         "npz_key": None,         # array name in a .npz (null: the first)
     }
+    version = "2"                # 2: centred depth_mask rendering
 
     def __init__(self, **options: Any):
         super().__init__(**options)

@@ -49,6 +49,9 @@ class ModalityPlugin:
     default_projector: ClassVar[str] = "mlp2x_gelu"
     extensions: ClassVar[tuple[str, ...]] = ()   # file suffixes it reads, for error messages
     default_options: ClassVar[dict[str, Any]] = {}
+    #: bump when ``preprocess`` changes its output for the same file and options: cached features
+    #: of the old version are then not reused
+    version: ClassVar[str] = "1"
 
     def __init__(self, **options: Any):
         unknown = set(options) - set(self.default_options)
@@ -84,7 +87,10 @@ class ModalityPlugin:
         return {"name": self.name, "options": self.options}
 
     def fingerprint(self) -> str:
-        blob = json.dumps(self.config(), sort_keys=True, default=str).encode()
+        """Feature-cache identity: the plugin class and its ``version`` as well as its config."""
+        identity = {**self.config(), "class": f"{type(self).__module__}:{type(self).__qualname__}",
+                    "version": self.version}
+        blob = json.dumps(identity, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -124,3 +124,18 @@ def test_missing_file_is_a_modality_error_not_a_cache_error(tmp_path):
     p = ImagePlugin()
     with pytest.raises(ModalityInputError, match="file not found"):
         cached_encode(cache, p, p.build_encoder(), tmp_path / "missing.png", "w")
+
+
+def test_plugin_version_bump_invalidates_cached_features(tmp_path):
+    from encoders.image import ImagePlugin
+    from mil_plugins.cache import FeatureCache
+
+    class ImageV2(ImagePlugin):
+        version = "2"
+
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"same bytes")
+    cache = FeatureCache(tmp_path / "cache")
+    assert ImagePlugin().fingerprint() != ImageV2().fingerprint()
+    assert cache.key(ImagePlugin(), f, "w") != cache.key(ImageV2(), f, "w")
+    assert cache.key(ImagePlugin(), f, "w") == cache.key(ImagePlugin(), f, "w")
