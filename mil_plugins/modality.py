@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mil_plugins.registry import merge_options
+
 
 class ModalityInputError(ValueError):
     """A file cannot be used as input of a modality. The message names the file and the problem."""
@@ -54,11 +56,8 @@ class ModalityPlugin:
     version: ClassVar[str] = "1"
 
     def __init__(self, **options: Any):
-        unknown = set(options) - set(self.default_options)
-        if unknown:
-            raise ValueError(f"modality {self.name!r}: unknown option(s) {sorted(unknown)}; "
-                             f"valid: {sorted(self.default_options)}")
-        self.options: dict[str, Any] = {**self.default_options, **options}
+        self.options: dict[str, Any] = merge_options("modality", self.name, self.default_options,
+                                                     options)
 
     # -- to implement ----------------------------------------------------------------------------
     def preprocess(self, path: str | Path) -> torch.Tensor:

@@ -16,6 +16,16 @@ from importlib import metadata
 from typing import Any, Callable, Iterable
 
 
+def merge_options(kind: str, name: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict:
+    """``defaults`` updated with ``options``; an unknown option is an error that lists the valid ones
+    (modality plugins and methods take their recipe options this way)."""
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise ValueError(f"{kind} {name!r}: unknown option(s) {sorted(unknown)}; "
+                         f"valid: {sorted(defaults) or '(none)'}")
+    return {**defaults, **options}
+
+
 class PluginError(LookupError):
     """A plugin is unknown, or could not be loaded; the message says which and why."""
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from mil_plugins.registry import merge_options
+
 if TYPE_CHECKING:  # pragma: no cover
     from mil_plugins.engine.context import MethodContext, Stage
 
@@ -43,11 +45,8 @@ class Method:
     conflicts: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **options: Any):
-        unknown = set(options) - set(self.default_options)
-        if unknown:
-            raise ValueError(f"method {self.name!r}: unknown option(s) {sorted(unknown)}; "
-                             f"valid: {sorted(self.default_options) or '(none)'}")
-        self.options: dict[str, Any] = {**self.default_options, **options}
+        self.options: dict[str, Any] = merge_options("method", self.name, self.default_options,
+                                                     options)
 
     # ---- hooks (no-op defaults) ----------------------------------------------------------------
     def setup(self, ctx: "MethodContext") -> None:
