@@ -89,28 +89,7 @@ class Session:
             self._load_data()
         self.tokenizer = self._tokenizer(tokenizer_dir)
         seed_everything(self.seed)
-        from mil_plugins.model.build import build_model
-
-        model_cfg = {"llm": {k: v for k, v in recipe["model"]["llm"].items()
-                             if v is not None and k != "llava"}, "dtype": recipe["model"]["dtype"],
-                     "modalities": recipe["modalities"], "connector": self._connector_cfg(),
-                     "lora": recipe["model"]["lora"]}
-        llava = recipe["model"]["llm"]["llava"]
-        if llava:
-            from mil_plugins.model.build import resolve_dtype
-            from mil_plugins.model.hf_llava import build_from_llava
-
-            conn = recipe["model"]["connector"]
-            if conn["mode"] != "per_modality":
-                raise ValueError("model.llm.llava: an adopted Llava keeps its own image projector; "
-                                 "set model.connector.mode: per_modality")
-            self.model = build_from_llava(llava, self.tokenizer, recipe["modalities"],
-                                          projector_type=conn["projector_type"],
-                                          projector_types=conn["projector_types"],
-                                          lora=recipe["model"]["lora"],
-                                          dtype=resolve_dtype(recipe["model"]["dtype"]))
-        else:
-            self.model = build_model(model_cfg, self.tokenizer)
+        self.model = self._build_model()
         self.model.to(dist.device)
         # the model's plugin objects preprocess the data (an adopted tower brings its own image one)
         self.plugins = dict(self.model.plugins)
@@ -129,12 +108,29 @@ class Session:
             self._cache = FeatureCache(self.out / "feature-cache")
         self._fingerprints: dict[str, str] = {}
 
-    # ---- data ---------------------------------------------------------------------------------
-    def _connector_cfg(self) -> dict:
-        conn = dict(self.recipe["model"]["connector"])
+    def _build_model(self):
+        """From config / a pretrained LM (``build_model``), or adopted from a Llava checkpoint."""
+        from mil_plugins.model.build import build_model, resolve_dtype
+
+        m = self.recipe["model"]
+        conn = dict(m["connector"])
+        if m["llm"]["llava"]:
+            from mil_plugins.model.hf_llava import build_from_llava
+
+            if conn["mode"] != "per_modality":
+                raise ValueError("model.llm.llava: an adopted Llava keeps its own image projector; "
+                                 "set model.connector.mode: per_modality")
+            return build_from_llava(m["llm"]["llava"], self.tokenizer, self.recipe["modalities"],
+                                    projector_type=conn["projector_type"],
+                                    projector_types=conn["projector_types"], lora=m["lora"],
+                                    dtype=resolve_dtype(m["dtype"]))
         if conn.get("shared_dim") is None:
             conn.pop("shared_dim", None)
-        return conn
+        llm = {k: v for k, v in m["llm"].items() if v is not None and k != "llava"}
+        return build_model({"llm": llm, "dtype": m["dtype"], "modalities": self.recipe["modalities"],
+                            "connector": conn, "lora": m["lora"]}, self.tokenizer)
+
+    # ---- data ---------------------------------------------------------------------------------
 
     def load_samples(self, manifest: str | Path, root: Path | None = None,
                      limit: int | None = None) -> list:
