@@ -312,8 +312,10 @@ class Runner:
     def _ds_config(self) -> dict | None:
         if not self.dist.deepspeed:
             return None
-        path = self.recipe["train"]["deepspeed"] or str(
-            Path(__file__).resolve().parents[2] / "recipes" / "deepspeed" / "zero2.json")
+        repo = Path(__file__).resolve().parents[2]
+        path = Path(self.recipe["train"]["deepspeed"] or "recipes/deepspeed/zero2.json")
+        if not path.is_absolute() and not path.exists() and (repo / path).exists():
+            path = repo / path  # the shipped ZeRO configs, whatever the working directory
         return fill_deepspeed_config(path, self.recipe["train"], self.dist.world_size)
 
     def _train(self, plan: StagePlan, names: set[str], stage: Stage | None) -> dict:
