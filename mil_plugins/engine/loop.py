@@ -177,7 +177,7 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
             for method in methods:
                 method.after_step(ctx, ctx.stage, step)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}")
+            bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
             if step % train_cfg["log_every_steps"] == 0 or step == total:
                 logger.log({"stage": plan.key, "step": step, "loss": loss_sum,
                             "lr": optimizer.param_groups[0]["lr"], **terms_sum})
