@@ -50,7 +50,7 @@ from encoders._vit import build_vision_tower
 from encoders.image import VIT_OPTIONS, VisionEncoder
 from mil_plugins.modality import ModalityInputError, ModalityPlugin
 
-DEPTH_EXTENSIONS = (".png", ".tif", ".tiff", ".npy", ".npz")
+DEPTH_EXTENSIONS = (".png", ".tif", ".tiff", ".npy", ".npz", ".exr")
 
 
 class DepthPlugin(ModalityPlugin):
@@ -67,6 +67,7 @@ class DepthPlugin(ModalityPlugin):
         "invert": False,         # true: near -> 1
         "png_scale": 1000.0,     # integer PNG value / png_scale = depth (1000: mm -> m)
         "npz_key": None,         # array name in a .npz (null: the first)
+        "exr_channel": None,     # channel of an OpenEXR file (null: Z, depth, Y, R, or the only one)
     }
     version = "2"                # 2: centred depth_mask rendering
 
@@ -93,6 +94,8 @@ class DepthPlugin(ModalityPlugin):
         suffix = p.suffix.lower()
         if suffix in (".npy", ".npz"):
             arr = self._load_numpy(p, suffix)
+        elif suffix == ".exr":
+            arr = self._load_exr(p)
         else:
             arr = self._load_image(p)
         if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
@@ -134,6 +137,33 @@ class DepthPlugin(ModalityPlugin):
         except Exception as exc:
             raise ModalityInputError(p, f"corrupt .npz archive ({describe_exc(exc)})",
                                      self.name) from None
+
+    def _load_exr(self, p: Path) -> np.ndarray:
+        """A float depth channel of an OpenEXR file (metres), through the OpenEXR bindings."""
+        try:
+            import OpenEXR
+        except ImportError:
+            raise ModalityInputError(p, "reading .exr needs the OpenEXR package "
+                                        "(pip install openexr)", self.name) from None
+        try:
+            with OpenEXR.File(str(p)) as exr:
+                channels = {name: ch.pixels for name, ch in exr.channels().items()}
+        except Exception as exc:
+            raise ModalityInputError(p, f"not a readable OpenEXR file ({describe_exc(exc)})",
+                                     self.name) from None
+        wanted = self.options["exr_channel"]
+        if wanted is None:
+            found = [c for c in ("Z", "depth", "Y", "R") if c in channels]
+            if not found and len(channels) == 1:
+                found = list(channels)
+            if not found:
+                raise ModalityInputError(p, f"no depth channel among {sorted(channels)}; set the "
+                                            f"option exr_channel", self.name)
+            wanted = found[0]
+        if wanted not in channels:
+            raise ModalityInputError(p, f"exr_channel {wanted!r} not in the file (channels: "
+                                        f"{', '.join(sorted(channels))})", self.name)
+        return np.asarray(channels[wanted])
 
     def _load_image(self, p: Path) -> np.ndarray:
         from encoders._common import open_image

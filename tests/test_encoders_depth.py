@@ -189,3 +189,24 @@ def test_pretrained_needs_gray3(tmp_path):
     np.save(tmp_path / "d.npy", scene())
     enc = p.build_encoder()
     assert enc(p.preprocess(tmp_path / "d.npy")[None]).shape == (1, 16, 32)
+
+
+def test_openexr_depth(tmp_path):
+    OpenEXR = pytest.importorskip("OpenEXR")
+    z = np.full((32, 32), 4.0, dtype=np.float32)
+    z[8:24, 8:24] = 1.0
+    z[0, 0] = np.nan
+    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
+    with OpenEXR.File(header, {"Z": z}) as f:
+        f.write(str(tmp_path / "d.exr"))
+    np.save(tmp_path / "d.npy", z)
+    from_exr = DepthPlugin().preprocess(tmp_path / "d.exr")
+    assert torch.equal(from_exr, DepthPlugin().preprocess(tmp_path / "d.npy"))
+    with OpenEXR.File(header, {"R": z, "G": z}) as f:
+        f.write(str(tmp_path / "rg.exr"))
+    assert torch.equal(DepthPlugin().preprocess(tmp_path / "rg.exr"), from_exr)  # R as depth
+    with pytest.raises(ModalityInputError, match="exr_channel 'Q' not in the file"):
+        DepthPlugin(exr_channel="Q").preprocess(tmp_path / "rg.exr")
+    (tmp_path / "bad.exr").write_bytes(b"not exr at all")
+    with pytest.raises(ModalityInputError, match="bad.exr: not a readable OpenEXR file"):
+        DepthPlugin().preprocess(tmp_path / "bad.exr")
