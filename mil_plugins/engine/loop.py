@@ -62,18 +62,29 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 class PlainBackend:
-    """Single-process optimisation with gradient accumulation and clipping."""
+    """Single-process optimisation with gradient accumulation, clipping and mixed precision
+    (``bf16``: autocast; ``fp16``: autocast with a gradient scaler, CUDA only)."""
 
-    def __init__(self, model, optimizer, scheduler, accum: int, max_grad_norm: float):
+    def __init__(self, model, optimizer, scheduler, accum: int, max_grad_norm: float,
+                 precision: str = "fp32", device: torch.device = torch.device("cpu")):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accum, self.max_grad_norm = accum, max_grad_norm
         self.micro = 0
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     def forward(self, batch):
-        return self.model(batch)
+        if self.autocast_dtype is None:
+            return self.model(batch)
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+            return self.model(batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accum).backward()
+        loss = loss.float() / self.accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def close(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -83,9 +94,15 @@ class PlainBackend:
         if self.micro % self.accum:
             return
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -143,7 +160,8 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
     if ds_config is not None:
         backend = DeepSpeedBackend(model, optimizer, scheduler, ds_config)
     else:
-        backend = PlainBackend(model, optimizer, scheduler, accum, train_cfg["max_grad_norm"])
+        backend = PlainBackend(model, optimizer, scheduler, accum, train_cfg["max_grad_norm"],
+                               train_cfg["precision"], dist.device)
 
     model.train()
     started = time.perf_counter()
