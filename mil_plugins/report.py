@@ -269,6 +269,14 @@ def render_markdown(payload: Mapping[str, Any]) -> str:
                 rows.append([_md(stage), "", _fmt(tasks, digits)])
         lines += _table(["stage", "task", "score"], rows, ["l", "l", "r"]) + [""]
 
+    skipped = payload.get("skipped_samples")
+    if skipped:
+        lines += ["## Skipped samples", "",
+                  f"{len(skipped)} bad sample(s) were skipped (`data.on_error: skip`); the first:", ""]
+        rows = [[_md(s.get("manifest", "")), _md(s.get("id") or ""), _md(s.get("reason", ""))]
+                for s in skipped[:20]]
+        lines += _table(["manifest", "sample", "reason"], rows, ["l", "l", "l"]) + [""]
+
     lines += ["Plots: `accuracy_matrix.png`, `accuracy_curves.png`. Numbers: `metrics.json`.", ""]
     return "\n".join(lines)
 

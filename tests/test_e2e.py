@@ -170,3 +170,27 @@ def test_eval_and_export_from_a_checkpoint(bench, tmp_path):
         cfg = json.loads((export / modality / "config.json").read_text())
         assert cfg["mm_projector_type"] == "mlp2x_gelu"
         assert raw["model.mm_projector.0.weight"].shape[1] == cfg["mm_hidden_size"]
+
+
+def test_bad_samples_raise_or_are_skipped_and_counted(bench, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(bench / "image", data / "image")
+    shutil.copy(bench / "benchmark.json", data / "benchmark.json")
+    manifest = data / "image" / "train.json"
+    rows = json.loads(manifest.read_text())
+    rows.append({"id": "broken-1", "image": "image/files/missing.png", "task": "shape",
+                 "metric": "exact_match", "conversations": [
+                     {"from": "human", "value": "<image>\nWhat shape is shown?"},
+                     {"from": "gpt", "value": "circle"}]})
+    manifest.write_text(json.dumps(rows))
+    args = [*TRAIN, str(QUICKSTART), f"data.root={data}", "data.generate=null",
+            "output.tensorboard=false", "warmup=null", "train.max_steps=1",
+            "stages=[{name: image, modality: image, train: image/train.json, test: image/test.json}]"]
+    failed = subprocess.run([*args, f"output.dir={tmp_path / 'raise'}"], cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    assert "train.json" in failed.stderr and "broken-1" in failed.stderr and "missing.png" in failed.stderr
+    run([*args, f"output.dir={tmp_path / 'skip'}", "data.on_error=skip"])
+    m = metrics(tmp_path / "skip")
+    assert [s["id"] for s in m["skipped_samples"]] == ["broken-1"]
+    assert "broken-1" in (tmp_path / "skip" / "report.md").read_text()

@@ -191,3 +191,15 @@ def test_atomic_save_safetensors(tmp_path):
         assert torch.equal(f.get_tensor("w"), base.t())
         assert torch.equal(f.get_tensor("w_view"), base[0])
     assert os.listdir(tmp_path) == ["a.safetensors"]
+
+
+def test_skipped_samples_are_reported(tmp_path):
+    from mil_plugins.report import write_report
+
+    result = {"stages": ["a"], "modalities": ["image"], "accuracy_matrix": [[50.0]],
+              "trainable_parameters": [10], "seconds": [1.0], "method": "finetune",
+              "skipped_samples": [{"manifest": "m.json", "id": "s7", "file": "x.png",
+                                   "reason": "media file not found"}]}
+    write_report(tmp_path, result)
+    text = (tmp_path / "report.md").read_text()
+    assert "1 bad sample(s) were skipped" in text and "s7" in text and "media file not found" in text
