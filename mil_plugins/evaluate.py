@@ -64,7 +64,7 @@ def score_predictions(rows: list[dict]) -> dict:
 def eval_checkpoint_cli(checkpoint: Path, manifests: list[Path], root: Path | None = None,
                         batch_size: int = 16, out: str | None = None) -> int:
     """``mil eval CHECKPOINT MANIFEST...``: rebuild the model of a stage checkpoint and score it."""
-    from mil_plugins.engine.run import load_for_eval
+    from mil_plugins.engine.session import load_for_eval
 
     session = load_for_eval(checkpoint)
     results = {}

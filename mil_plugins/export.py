@@ -76,7 +76,7 @@ def export_llava_one(model, modality: str, out: Path) -> list[Path]:
 
 
 def export_checkpoint(checkpoint: Path, to: str, out: Path) -> list[Path]:
-    from mil_plugins.engine.run import load_for_eval
+    from mil_plugins.engine.session import load_for_eval
 
     session = load_for_eval(checkpoint)
     if to == "llava":

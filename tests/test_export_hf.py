@@ -20,7 +20,7 @@ def test_export_to_transformers_llava_gives_equal_logits(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
     from mil_plugins.benchmark import make_benchmark
-    from mil_plugins.engine.run import load_for_eval
+    from mil_plugins.engine.session import load_for_eval
 
     torch.manual_seed(0)
     clip_dir = tmp_path / "tiny-clip"

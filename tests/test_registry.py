@@ -11,7 +11,7 @@ import pytest
 
 from mil_plugins.methods.base import Method, check_method_plugin
 from mil_plugins.modality import ModalityPlugin, check_modality_plugin
-from mil_plugins.plugins import METHODS, MODALITIES, PROJECTORS, all_records
+from mil_plugins.plugins import PROJECTORS, all_records
 from mil_plugins.registry import PluginError, Registry
 
 

@@ -6,5 +6,7 @@
     optim.py        optimiser parameter groups (mm_projector_lr) and LR schedules
     loop.py         the one training loop
     checkpoint.py   atomic checkpoints, resume
-    run.py          recipe -> model, data, methods -> stages -> evaluation -> report
+    logs.py         JSONL and TensorBoard logs
+    session.py      recipe -> plugins, data, tokenizer, model, methods, loaders (and for `mil eval`)
+    run.py          the stage runner: train, evaluate, checkpoint, report; the train.py entry
 """
