@@ -36,9 +36,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_make_benchmark(args: argparse.Namespace) -> int:
     from mil_plugins.benchmark import make_benchmark
 
-    summary = make_benchmark(Path(args.out), size=args.size, seed=args.seed,
-                             overwrite=args.overwrite)
-    print(json.dumps(summary, indent=2, default=str))
+    out = Path(args.out)
+    summary = make_benchmark(out, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    for modality, splits in summary.get("splits", {}).items():
+        counts = ", ".join(f"{split} {info['num_samples']}" for split, info in splits.items())
+        print(f"{modality:6s} {counts}  ({out / modality}/*.json)")
+    state = "generated" if summary.get("generated") else "already there"
+    print(f"{args.size} benchmark, seed {args.seed}: {state}; dataset card: docs/benchmark.md, "
+          f"full summary: {out / 'benchmark.json'}")
     return 0
 
 
