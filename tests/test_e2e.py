@@ -86,15 +86,41 @@ def test_quickstart_all_stages_plain_python(bench, tmp_path):
         assert (out / "checkpoints" / f"stage-{i + 1:02d}-{stage}" / "weights.safetensors").exists()
 
 
-def test_deepspeed_two_processes_match_single_process(bench, tmp_path):
-    pytest.importorskip("deepspeed")
-    overrides = [TWO_STAGES, "warmup.max_steps=6", "train.max_steps=6", "train.batch_size=8"]
-    single, multi = tmp_path / "single", tmp_path / "ds"
-    run([*TRAIN, str(QUICKSTART), *common(bench, single, *overrides)])
+def deepspeed_cmd(port: int) -> list[str]:
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    run([deepspeed, "--num_gpus", "2", "--master_port", "29533", str(ROOT / "tools" / "train.py"),
-         str(QUICKSTART), *common(bench, multi, *overrides, "train.deepspeed=recipes/deepspeed/zero2.json")],
-        timeout=900)
+    return [deepspeed, "--num_gpus", "2", "--master_port", str(port),
+            str(ROOT / "tools" / "train.py"), str(QUICKSTART)]
+
+
+def kill_mid_stage(cmd: list[str], out: Path, stage: str, signum=signal.SIGKILL) -> None:
+    """Start ``cmd`` and kill it once its rolling checkpoint is mid-way through ``stage``."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    state = out / "checkpoints" / "last" / "state.json"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            if state.exists():
+                s = json.loads(state.read_text())
+                if s["in_stage"] == stage and s["step"] >= 2:
+                    break
+            if proc.poll() is not None:
+                pytest.fail("the run finished before it could be killed mid-stage")
+            time.sleep(0.05)
+        os.killpg(proc.pid, signum)  # the launcher and every rank it started
+    finally:
+        proc.wait()
+    assert not (out / "metrics.json").exists() or metrics(out)["completed_stages"] < 2
+
+
+def test_deepspeed_two_processes_match_single_process_and_resume(bench, tmp_path):
+    pytest.importorskip("deepspeed")
+    overrides = [TWO_STAGES, "warmup.max_steps=6", "train.max_steps=8", "train.batch_size=8",
+                 "train.save_every_steps=2"]
+    ds = ["train.deepspeed=recipes/deepspeed/zero2.json"]
+    single, multi, killed = tmp_path / "single", tmp_path / "ds", tmp_path / "ds-killed"
+    run([*TRAIN, str(QUICKSTART), *common(bench, single, *overrides)])
+    run([*deepspeed_cmd(29533), *common(bench, multi, *overrides, *ds)], timeout=900)
     a, b = metrics(single), metrics(multi)
     assert b["world_size"] == 2 and a["world_size"] == 1
     for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
@@ -109,6 +135,13 @@ def test_deepspeed_two_processes_match_single_process(bench, tmp_path):
     assert len(loss_a) == len(loss_b)
     assert loss_a[0] == pytest.approx(loss_b[0], rel=0.05)
 
+    # killed mid-stage under the launcher, resumed under the launcher: the same result
+    kill_mid_stage([*deepspeed_cmd(29534), *common(bench, killed, *overrides, *ds)], killed, "audio")
+    assert json.loads((killed / "checkpoints" / "last" / "state.json").read_text())["deepspeed_tag"]
+    run([*deepspeed_cmd(29535), *common(bench, killed, *overrides, *ds), "--resume"], timeout=900)
+    assert metrics(killed)["accuracy_matrix"] == b["accuracy_matrix"]
+    assert not (killed / "checkpoints" / "deepspeed").exists()
+
 
 def test_killed_run_resumes_to_the_same_result(bench, tmp_path):
     overrides = [TWO_STAGES, "warmup.max_steps=4", "train.max_steps=8", "train.batch_size=8",
@@ -116,23 +149,7 @@ def test_killed_run_resumes_to_the_same_result(bench, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     run([*TRAIN, str(QUICKSTART), *common(bench, full, *overrides)])
 
-    proc = subprocess.Popen([*TRAIN, str(QUICKSTART), *common(bench, killed, *overrides)], cwd=ROOT,
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "checkpoints" / "last" / "state.json"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if state.exists():
-                s = json.loads(state.read_text())
-                if s["in_stage"] == "audio" and s["step"] >= 2:
-                    break
-            if proc.poll() is not None:
-                pytest.fail("the run finished before it could be killed mid-stage")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert not (killed / "metrics.json").exists() or metrics(killed)["completed_stages"] < 2
+    kill_mid_stage([*TRAIN, str(QUICKSTART), *common(bench, killed, *overrides)], killed, "audio")
     run([*TRAIN, str(QUICKSTART), *common(bench, killed, *overrides), "--resume"])
     a, b = metrics(full), metrics(killed)
     assert a["accuracy_matrix"] == b["accuracy_matrix"]

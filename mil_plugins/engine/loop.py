@@ -127,6 +127,17 @@ class DeepSpeedBackend:
     def step(self) -> None:
         self.engine.step()
 
+    def save(self, directory, tag: str) -> None:
+        """DeepSpeed's own checkpoint (every rank writes its optimiser partition); collective."""
+        self.engine.save_checkpoint(str(directory), tag=tag, exclude_frozen_parameters=True)
+
+    def load(self, directory, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False,
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {directory}")
+
     def close(self) -> None:
         """Remove the engine's gradient hooks so the next stage's engine starts clean."""
         destroy = getattr(self.engine, "destroy", None)
@@ -137,8 +148,13 @@ class DeepSpeedBackend:
 def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callable[[list], dict],
                 train_cfg: dict, dist, ds_config: dict | None, logger,
                 start_step: int = 0, optimizer_state: dict | None = None,
-                on_checkpoint: Callable[[int, Any, Any], None] | None = None) -> dict:
-    """Train one stage; returns {"steps", "seconds", "loss"}."""
+                deepspeed_resume: tuple[Any, str] | None = None,
+                on_checkpoint: Callable[[int, Any, Any, Any], None] | None = None) -> dict:
+    """Train one stage; returns {"steps", "seconds", "loss"}.
+
+    Resuming at ``start_step`` restores the optimiser and schedule from ``optimizer_state`` (plain
+    backend) or from DeepSpeed's own checkpoint ``deepspeed_resume = (directory, tag)``.
+    """
     model = ctx.model
     accum, world = train_cfg["grad_accum"], dist.world_size
     global_batch = train_cfg["batch_size"]
@@ -159,6 +175,8 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
         scheduler.load_state_dict(optimizer_state["scheduler"])
     if ds_config is not None:
         backend = DeepSpeedBackend(model, optimizer, scheduler, ds_config)
+        if deepspeed_resume is not None:
+            backend.load(*deepspeed_resume)
     else:
         backend = PlainBackend(model, optimizer, scheduler, accum, train_cfg["max_grad_norm"],
                                train_cfg["precision"], dist.device)
@@ -201,7 +219,7 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
                             "lr": optimizer.param_groups[0]["lr"], **terms_sum})
             every = train_cfg["save_every_steps"]
             if on_checkpoint and every and step % every == 0 and step < total:
-                on_checkpoint(step, optimizer, scheduler)
+                on_checkpoint(step, optimizer, scheduler, backend)
         epoch += 1
     bar.close()
     backend.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ class Runner:
             "modalities": [s["modality"] or "text" for s in stages],
             "accuracy_matrix": [[None] * len(stages) for _ in stages],
             "baseline": None, "per_task": {}, "trainable_parameters": [None] * len(stages),
-            "seconds": [None] * len(stages), "ever_trained": [],
+            "seconds": [None] * len(stages), "ever_trained": [], "deepspeed_tag": None,
         }
         self.resume_optimizer = None
         if resume:
@@ -102,23 +103,43 @@ class Runner:
         self.state["ever_trained"] = sorted(set(self.state["ever_trained"]) | names)
         dataset = self.session.dataset(plan.samples, "train")
         collate = self.session.collator("train")
-        start, opt_state = 0, None
-        if self.state["in_stage"] == plan.key and self.resume_optimizer is not None:
-            start, opt_state = self.state["step"], self.resume_optimizer
+        resuming = self.state["in_stage"] == plan.key
+        start = self.state["step"] if resuming else 0
+        opt_state = self.resume_optimizer if resuming else None
+        ds_tag = self.state.get("deepspeed_tag") if resuming else None
+        if resuming and (opt_state is None) == (ds_tag is None):
+            raise RuntimeError(
+                f"{self.ckpt_root / 'last'} is a mid-stage checkpoint written "
+                f"{'with' if ds_tag else 'without'} DeepSpeed: resume it the same way "
+                f"({'deepspeed tools/train.py' if ds_tag else 'python tools/train.py'} ... --resume)")
+        ds_dir = self.ckpt_root / "deepspeed"
         self.resume_optimizer = None
 
-        def on_checkpoint(step, optimizer, scheduler):
-            if self.dist.deepspeed:
-                return  # ZeRO partitions the optimiser: resume restarts the stage instead
+        def on_checkpoint(step, optimizer, scheduler, backend):
             self.state.update(in_stage=plan.key, step=step)
-            self._save(self.ckpt_root / "last", {"optimizer": optimizer.state_dict(),
-                                                 "scheduler": scheduler.state_dict()})
+            if self.dist.deepspeed:
+                tag = f"{plan.key}-step{step}"
+                backend.save(ds_dir, tag)  # collective: every rank writes its partition
+                self.dist.barrier()
+                self.state["deepspeed_tag"] = tag
+                self._save(self.ckpt_root / "last")  # state.json now points at the new tag
+                if self.dist.is_main:
+                    for old in ds_dir.iterdir():
+                        if old.is_dir() and old.name != tag:
+                            shutil.rmtree(old, ignore_errors=True)
+                self.dist.barrier()
+            else:
+                self.state["deepspeed_tag"] = None
+                self._save(self.ckpt_root / "last", {"optimizer": optimizer.state_dict(),
+                                                     "scheduler": scheduler.state_dict()})
 
         result = train_stage(ctx=self.ctx, plan=plan, methods=self.methods, dataset=dataset,
                              collate=collate, train_cfg=self.recipe["train"], dist=self.dist,
                              ds_config=self._ds_config(), logger=self.logger, start_step=start,
-                             optimizer_state=opt_state, on_checkpoint=on_checkpoint)
-        self.state.update(in_stage=None, step=0)
+                             optimizer_state=opt_state,
+                             deepspeed_resume=(ds_dir, ds_tag) if ds_tag else None,
+                             on_checkpoint=on_checkpoint)
+        self.state.update(in_stage=None, step=0, deepspeed_tag=None)
         result["trainable_parameters"] = count
         return result
 
@@ -200,6 +221,8 @@ class Runner:
             self._save(path)
             if self.dist.is_main:
                 ckpt.update_last(self.ckpt_root, path)
+                # `last` no longer points into DeepSpeed's mid-stage checkpoints
+                shutil.rmtree(self.ckpt_root / "deepspeed", ignore_errors=True)
                 self._write_report()
             self.dist.barrier()
         self.logger.close()
