@@ -27,18 +27,29 @@ def predict(model, samples: list, make_loader: Callable[..., Any], *, methods=()
     """Generated answers for ``samples`` (every rank gets every prediction)."""
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     mine = samples[rank::world]
+    real = len(mine)
+    gen_kwargs = {}
+    if world > 1:
+        # every rank runs the same number of batches and decoding steps, so that sharded
+        # parameters (ZeRO-3) can be gathered in lock-step; the padding rows are dropped
+        per_rank = -(-len(samples) // world)
+        mine = mine + [samples[-1]] * (per_rank - real) if samples else mine
+        gen_kwargs["synced_gpus"] = True
     rows = []
     was_training = model.training
     model.eval()
     batches = make_loader(mine, mode="eval", batch_size=batch_size)
+    seen = 0
     for batch in tqdm(batches, desc=desc, disable=rank != 0, leave=False, mininterval=1.0):
         for method in methods:
             method.before_forward(ctx, batch)
-        answers = model.generate(batch, max_new_tokens=max_new_tokens)
+        answers = model.generate(batch, max_new_tokens=max_new_tokens, **gen_kwargs)
         for i, pred in enumerate(answers):
-            rows.append({"id": batch["ids"][i], "prediction": pred, "answer": batch["answers"][i],
-                         "task": batch["tasks"][i] or "default",
-                         "metric": batch["metrics"][i] or DEFAULT_METRIC})
+            if seen < real:
+                rows.append({"id": batch["ids"][i], "prediction": pred,
+                             "answer": batch["answers"][i], "task": batch["tasks"][i] or "default",
+                             "metric": batch["metrics"][i] or DEFAULT_METRIC})
+            seen += 1
     model.train(was_training)
     if dist is not None and world > 1:
         rows = [r for part in dist.gather(rows) for r in part]
