@@ -179,7 +179,7 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
             backend.load(*deepspeed_resume)
     else:
         backend = PlainBackend(model, optimizer, scheduler, accum, train_cfg["max_grad_norm"],
-                               train_cfg["precision"], dist.device)
+                               train_cfg.get("precision", "fp32"), dist.device)
 
     model.train()
     started = time.perf_counter()
