@@ -668,3 +668,39 @@ def test_replay_with_ewc_and_lwf_compose_in_training():
     assert logged["lwf/kd"] > 0 and logged["ewc/penalty"] >= 0
     h.end(h.stages[1])
     assert len(h.methods[0].memory) == 4 + 4 and len(h.methods[1].penalties) == 2
+
+
+def test_joint_and_replay_train_the_parts_of_every_modality_they_mix_in():
+    """Samples of earlier modalities mixed into a stage train those modalities' input layers."""
+    from types import SimpleNamespace
+
+    from mil_plugins.engine.trainable import group_names
+    from mil_plugins.methods.joint import Joint
+    from mil_plugins.methods.replay import Replay
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.connector = torch.nn.Module()
+            self.connector.shared = torch.nn.Linear(2, 2)
+            self.connector.input_layers = torch.nn.ModuleDict(
+                {m: torch.nn.Linear(2, 2) for m in ("image", "audio")})
+
+    model = Model()
+    sample = lambda m, i: SimpleNamespace(id=f"{m}{i}", media={m: ["f"]})  # noqa: E731
+    stages = [SimpleNamespace(index=0, name="image", modality="image", config={"trainable": None},
+                              train_samples=[sample("image", i) for i in range(10)]),
+              SimpleNamespace(index=1, name="audio", modality="audio", config={"trainable": None},
+                              train_samples=[sample("audio", i) for i in range(10)])]
+    ctx = SimpleNamespace(model=model, stages=stages, recipe={"train": {"trainable": ["connector"]}},
+                          seed=0, stage=stages[1],
+                          generator=lambda *salt: torch.Generator().manual_seed(0))
+    own = group_names(model, ["connector"], "audio")
+    assert not any("input_layers.image" in n for n in own)
+    joined = Joint().trainable(ctx, stages[1], set(own))
+    assert {"connector.input_layers.image.weight", "connector.input_layers.audio.weight"} <= joined
+    replay = Replay(ratio=0.2)
+    ctx.stage = stages[0]
+    replay.after_stage(ctx, stages[0])
+    ctx.stage = stages[1]
+    assert "connector.input_layers.image.weight" in replay.trainable(ctx, stages[1], set(own))

@@ -37,3 +37,21 @@ def batch_routes(batch: dict) -> list[str]:
         distinct = sorted(set(mods))
         out.append("+".join(distinct) if distinct else "text")
     return out
+
+
+def modality_parameters(ctx, stage, samples) -> set[str]:
+    """The stage's trainable groups resolved for every modality present in ``samples``.
+
+    The engine resolves per-modality groups (``connector``: that modality's input layer or
+    projector; ``encoder``) for the stage's own modality only; a method that mixes other stages'
+    samples into the stage (joint, replay) adds those modalities' parts with this, so their
+    samples train the same kind of parameters the recipe chose.
+    """
+    from mil_plugins.engine.trainable import group_names
+
+    groups = stage.config.get("trainable") or ctx.recipe["train"]["trainable"]
+    modalities = {m for s in samples for m in s.media}
+    names: set[str] = set()
+    for modality in sorted(modalities):
+        names |= group_names(ctx.model, groups, modality)
+    return names

@@ -11,11 +11,14 @@ training samples of other stages:
     repeated once per stage; useful to read the ceiling off the first row).
 
 The samples come from ``ctx.stages[k].train_samples`` (the engine loads every stage's data up
-front); the training loop shuffles them, so batches mix modalities.
+front); the training loop shuffles them, so batches mix modalities. Hook ``trainable``: the
+per-modality parts (input layer / projector, encoder if trained) of every modality in the data
+train too, not only the stage's own.
 """
 
 from __future__ import annotations
 
+from mil_plugins.methods._common import modality_parameters
 from mil_plugins.methods.base import Method
 
 MODES = ("cumulative", "all")
@@ -43,3 +46,7 @@ class Joint(Method):
             others = [st for st in ctx.stages if st.index < stage.index]
         extra = [s for st in others for s in st.train_samples]
         return list(samples) + extra
+
+    def trainable(self, ctx, stage, names):
+        # every modality trained on gets its own parts trained too (input layer / projector)
+        return names | modality_parameters(ctx, stage, self.train_samples(ctx, stage, []))

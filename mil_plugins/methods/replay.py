@@ -8,6 +8,8 @@ Hooks:
   ``after_stage``    update the buffer with the stage just trained (seeded, see below)
   ``train_samples``  the stage's samples + the buffer's samples (``mix: concat``; the training
                      loop shuffles the list, so replayed samples are spread over every batch)
+  ``trainable``      the per-modality parts (input layer / projector) of replayed modalities
+                     train too, so their samples update what the recipe trains for them
 
 Budget (one of):
   ``ratio`` (default 0.1): each finished stage adds ``max(1, round(ratio * n_stage))`` of its
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from mil_plugins.methods._common import salt
+from mil_plugins.methods._common import modality_parameters, salt
 from mil_plugins.methods.base import Method
 
 STRATEGIES = ("reservoir", "balanced")
@@ -152,6 +154,10 @@ class Replay(Method):
     # ---- hooks -------------------------------------------------------------------------------
     def train_samples(self, ctx, stage, samples):
         return list(samples) + self._resolve(ctx)
+
+    def trainable(self, ctx, stage, names):
+        # replayed modalities train their own parts too (input layer / projector), as in joint
+        return names | modality_parameters(ctx, stage, self._resolve(ctx))
 
     def after_stage(self, ctx, stage):
         if stage.index < 0:
