@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -125,12 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+#: errors whose message says what is wrong (bad recipe, data, plugin, checkpoint): shown without
+#: a traceback unless MIL_DEBUG=1
+USER_ERRORS = (ValueError, TypeError, LookupError, FileNotFoundError, FileExistsError)
+
+
+def run_friendly(func, *args) -> int:
     try:
-        return int(args.func(args) or 0)
+        return int(func(*args) or 0)
     except KeyboardInterrupt:
         return 130
+    except USER_ERRORS as exc:
+        if os.environ.get("MIL_DEBUG"):
+            raise
+        print(f"mil: error: {exc}", file=sys.stderr)
+        print("(set MIL_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_friendly(args.func, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

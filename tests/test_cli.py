@@ -35,3 +35,13 @@ def test_make_benchmark_then_check_data(tmp_path):
     bad = mil("check-data", str(manifest), "--root", str(out), check=False)
     assert bad.returncode == 1
     assert rows[0]["id"] in bad.stdout and "24 samples, 1 bad" in bad.stdout
+
+
+def test_user_errors_are_one_clear_line_not_a_traceback():
+    root = Path(__file__).resolve().parents[1]
+    bad = mil("train", str(root / "recipes" / "quickstart.yaml"), "train.lrr=1", check=False)
+    assert bad.returncode == 2
+    assert "at train.lrr: unknown key (did you mean 'lr'?)" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = mil("eval", "/nonexistent/ckpt", "m.json", check=False)
+    assert missing.returncode == 2 and "not a mil-plugins checkpoint" in missing.stderr
