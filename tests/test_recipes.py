@@ -108,3 +108,13 @@ def test_deepspeed_configs_are_filled_from_the_recipe(name):
     assert "auto" not in json.dumps(config)
     with pytest.raises(ValueError, match="multiple"):
         fill_deepspeed_config(ROOT / "recipes" / "deepspeed" / name, {**train, "batch_size": 6}, 4)
+
+
+def test_recipe_reference_lists_every_schema_key():
+    from mil_plugins.recipe import schema as S
+
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    for section in (S.RECIPE, S.MODEL, S.LLM, S.TOKENIZER, S.CONNECTOR, S.LORA, S.DATA, S.GENERATE,
+                    S.WARMUP, S.STAGE, S.METHOD, S.TRAIN, S.EVAL, S.OUTPUT):
+        for key in section:
+            assert f"| `{key}` |" in text, f"docs/recipes.md does not list {key!r}"
