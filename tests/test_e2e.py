@@ -13,8 +13,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,10 +32,17 @@ TWO_STAGES = ("stages=[{name: image, modality: image, train: image/train.json, t
 pytestmark = pytest.mark.slow
 
 
+#: DeepSpeed JIT-builds its CPU shared-memory allreduce op under torch's extension cache, guarded by
+#: a lock file; a build killed elsewhere leaves a stale lock that hangs every later build. The tests
+#: build into their own folder (about a minute, once per session).
+TORCH_EXTENSIONS = tempfile.mkdtemp(prefix="mil-torch-ext-")
+
+
 def env():
     e = dict(os.environ)
     e.setdefault("MIL_NUM_THREADS", "1")
     e["PYTHONUNBUFFERED"] = "1"
+    e["TORCH_EXTENSIONS_DIR"] = TORCH_EXTENSIONS
     return e
 
 
@@ -86,9 +95,15 @@ def test_quickstart_all_stages_plain_python(bench, tmp_path):
         assert (out / "checkpoints" / f"stage-{i + 1:02d}-{stage}" / "weights.safetensors").exists()
 
 
-def deepspeed_cmd(port: int) -> list[str]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_cmd() -> list[str]:
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [deepspeed, "--num_gpus", "2", "--master_port", str(port),
+    return [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()),
             str(ROOT / "tools" / "train.py"), str(QUICKSTART)]
 
 
@@ -120,7 +135,7 @@ def test_deepspeed_two_processes_match_single_process_and_resume(bench, tmp_path
     ds = ["train.deepspeed=recipes/deepspeed/zero2.json"]
     single, multi, killed = tmp_path / "single", tmp_path / "ds", tmp_path / "ds-killed"
     run([*TRAIN, str(QUICKSTART), *common(bench, single, *overrides)])
-    run([*deepspeed_cmd(29533), *common(bench, multi, *overrides, *ds)], timeout=900)
+    run([*deepspeed_cmd(), *common(bench, multi, *overrides, *ds)], timeout=600)
     a, b = metrics(single), metrics(multi)
     assert b["world_size"] == 2 and a["world_size"] == 1
     for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
@@ -136,9 +151,9 @@ def test_deepspeed_two_processes_match_single_process_and_resume(bench, tmp_path
     assert loss_a[0] == pytest.approx(loss_b[0], rel=0.05)
 
     # killed mid-stage under the launcher, resumed under the launcher: the same result
-    kill_mid_stage([*deepspeed_cmd(29534), *common(bench, killed, *overrides, *ds)], killed, "audio")
+    kill_mid_stage([*deepspeed_cmd(), *common(bench, killed, *overrides, *ds)], killed, "audio")
     assert json.loads((killed / "checkpoints" / "last" / "state.json").read_text())["deepspeed_tag"]
-    run([*deepspeed_cmd(29535), *common(bench, killed, *overrides, *ds), "--resume"], timeout=900)
+    run([*deepspeed_cmd(), *common(bench, killed, *overrides, *ds), "--resume"], timeout=600)
     assert metrics(killed)["accuracy_matrix"] == b["accuracy_matrix"]
     assert not (killed / "checkpoints" / "deepspeed").exists()
 
