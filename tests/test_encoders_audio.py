@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from encoder_checks import assert_bad_inputs
 import soundfile as sf
 import torch
 from PIL import Image
 
 from encoders.audio import AudioPlugin
-from mil_plugins.modality import ModalityInputError
 from mil_plugins.plugins import MODALITIES
 
 SR = 16000
@@ -137,14 +137,7 @@ def test_bad_inputs(tmp_path):
         "picture.png": "not an audio file",
         "text.flac": "not an audio file",
     }
-    p = AudioPlugin()
-    for name, problem in cases.items():
-        path = tmp_path / name
-        with pytest.raises(ModalityInputError) as info:
-            p.preprocess(path)
-        err = info.value
-        assert str(path) in str(err) and err.modality == "audio"
-        assert problem in err.problem, (name, err.problem)
+    assert_bad_inputs(AudioPlugin(), tmp_path, cases)
 
 
 @pytest.mark.parametrize("attribute", ["pitch", "count", "loudness"])

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import open3d as o3d
 import pytest
+from encoder_checks import assert_bad_inputs
 import soundfile as sf
 import torch
 from PIL import Image
 
 from encoders.point import PointCloudPlugin, farthest_point_order, sample_indices, save_encoder
-from mil_plugins.modality import ModalityInputError
 from mil_plugins.plugins import MODALITIES
 
 
@@ -187,14 +187,7 @@ def test_bad_inputs(tmp_path):
         "picture.png": "unsupported file type '.png'",
         "plain.xyz": "no colours but use_colors is true",
     }
-    p = PointCloudPlugin()
-    for name, problem in cases.items():
-        path = tmp_path / name
-        with pytest.raises(ModalityInputError) as info:
-            p.preprocess(path)
-        err = info.value
-        assert str(path) in str(err) and err.modality == "point"
-        assert problem in err.problem, (name, err.problem)
+    assert_bad_inputs(PointCloudPlugin(), tmp_path, cases)
 
 
 def test_shape_class_is_preserved(tmp_path):

@@ -7,12 +7,12 @@ import json
 import av
 import numpy as np
 import pytest
+from encoder_checks import assert_bad_inputs
 import soundfile as sf
 import torch
 from PIL import Image
 
 from encoders.video import VideoPlugin, sample_indices
-from mil_plugins.modality import ModalityInputError
 from mil_plugins.plugins import MODALITIES
 
 
@@ -153,14 +153,7 @@ def test_bad_inputs(tmp_path):
         "one_frame_dir": "only 1 decodable frame",
         "bad_frame_dir": "frame 1.png",
     }
-    p = VideoPlugin()
-    for name, problem in cases.items():
-        path = tmp_path / name
-        with pytest.raises(ModalityInputError) as info:
-            p.preprocess(path)
-        err = info.value
-        assert str(path) in str(err) and err.modality == "video"
-        assert problem in err.problem, (name, err.problem)
+    assert_bad_inputs(VideoPlugin(), tmp_path, cases)
 
 
 def test_motion_direction_is_preserved(tmp_path):
