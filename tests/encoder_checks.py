@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mil_plugins.modality import ModalityInputError
@@ -17,3 +18,14 @@ def assert_bad_inputs(plugin, folder, cases: dict[str, str]) -> None:
         err = info.value
         assert str(path) in str(err) and err.modality == plugin.name
         assert problem in err.problem, (name, err.problem)
+
+
+def nearest_centroid_loo(features: np.ndarray, labels: list) -> float:
+    """Leave-one-out nearest-centroid accuracy: does an encoder keep classes apart?"""
+    labels = np.asarray(labels)
+    hits = 0
+    for i in range(len(features)):
+        rest = np.arange(len(features)) != i
+        cents = {c: features[rest & (labels == c)].mean(0) for c in set(labels)}
+        hits += min(cents, key=lambda c: np.linalg.norm(features[i] - cents[c])) == labels[i]
+    return hits / len(features)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from encoder_checks import assert_bad_inputs
+from encoder_checks import assert_bad_inputs, nearest_centroid_loo
 import soundfile as sf
 import torch
 from PIL import Image
@@ -15,16 +15,6 @@ from encoders.audio import AudioPlugin
 from mil_plugins.plugins import MODALITIES
 
 SR = 16000
-
-
-def nearest_centroid_loo(features: np.ndarray, labels: list) -> float:
-    labels = np.asarray(labels)
-    hits = 0
-    for i in range(len(features)):
-        rest = np.arange(len(features)) != i
-        cents = {c: features[rest & (labels == c)].mean(0) for c in set(labels)}
-        hits += min(cents, key=lambda c: np.linalg.norm(features[i] - cents[c])) == labels[i]
-    return hits / len(features)
 
 
 def tone(seconds=1.0, freq=440.0, amp=0.3, sr=SR):

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from encoder_checks import nearest_centroid_loo
 import soundfile as sf
 import torch
 from PIL import Image, ImageDraw
@@ -14,18 +15,6 @@ from encoders._common import CLIP_MEAN, CLIP_STD
 from encoders.image import ImagePlugin
 from mil_plugins.modality import ModalityInputError
 from mil_plugins.plugins import MODALITIES
-
-
-def nearest_centroid_loo(features: np.ndarray, labels: list) -> float:
-    """Leave-one-out nearest-centroid accuracy."""
-    labels = np.asarray(labels)
-    hits = 0
-    for i in range(len(features)):
-        rest = np.arange(len(features)) != i
-        cents = {c: features[rest & (labels == c)].mean(0) for c in set(labels)}
-        pred = min(cents, key=lambda c: np.linalg.norm(features[i] - cents[c]))
-        hits += pred == labels[i]
-    return hits / len(features)
 
 
 def draw(path, kind="circle", color=(255, 0, 0), cx=32, cy=32, size=(64, 64), r=10):

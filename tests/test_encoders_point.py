@@ -7,23 +7,13 @@ import json
 import numpy as np
 import open3d as o3d
 import pytest
-from encoder_checks import assert_bad_inputs
+from encoder_checks import assert_bad_inputs, nearest_centroid_loo
 import soundfile as sf
 import torch
 from PIL import Image
 
 from encoders.point import PointCloudPlugin, farthest_point_order, sample_indices, save_encoder
 from mil_plugins.plugins import MODALITIES
-
-
-def nearest_centroid_loo(features: np.ndarray, labels: list) -> float:
-    labels = np.asarray(labels)
-    hits = 0
-    for i in range(len(features)):
-        rest = np.arange(len(features)) != i
-        cents = {c: features[rest & (labels == c)].mean(0) for c in set(labels)}
-        hits += min(cents, key=lambda c: np.linalg.norm(features[i] - cents[c])) == labels[i]
-    return hits / len(features)
 
 
 def write_cloud(path, xyz, rgb=None, ascii=False):
