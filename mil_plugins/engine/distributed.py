@@ -40,6 +40,15 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def all_reduce_sum(self, value: float) -> float:
+        """The sum of ``value`` over every rank (``value`` itself in a single process)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64,
+                         device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
     def broadcast(self, obj: Any) -> Any:
         if self.world_size == 1:
             return obj

@@ -4,6 +4,13 @@ Data order is a pure function of (seed, stage, epoch): every epoch is a seeded p
 global batches (padded by wrapping so that every rank takes the same number of steps); rank ``r``
 takes its slice of each global batch. So a 2-process DeepSpeed run sees the same global batches as a
 single process, and a resumed run picks up exactly where the killed one stopped.
+
+The loss of a step is the token mean over the *global* batch: every micro-batch's summed
+cross-entropy is divided by the number of answer tokens in the whole global batch (counted on
+every rank, summed across ranks), then scaled up by ``world x accum`` to undo the averaging that
+gradient accumulation and data-parallel reduction apply. A micro-batch-mean loss averaged over
+ranks weighs a short answer on one rank like a long one on another, and 1 process and N ranks then
+train different models; with the global normalisation they train the same one.
 """
 
 from __future__ import annotations
@@ -49,6 +56,14 @@ def rank_micro_batches(global_batch: list[int], rank: int, world: int, accum: in
     return [mine[i * micro:(i + 1) * micro] for i in range(accum)]
 
 
+def count_targets(batch: dict) -> int:
+    """Answer tokens the LM loss of ``batch`` counts: labels != -100 after the causal shift."""
+    labels = batch.get("labels")
+    if labels is None:
+        return 0
+    return int((labels[:, 1:] != -100).sum())
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     out = {}
     for key, value in batch.items():
@@ -76,11 +91,11 @@ class PlainBackend:
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    def forward(self, batch):
+    def forward(self, batch, **kwargs):
         if self.autocast_dtype is None:
-            return self.model(batch)
+            return self.model(batch, **kwargs)
         with torch.autocast(self.device_type, dtype=self.autocast_dtype):
-            return self.model(batch)
+            return self.model(batch, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss = loss.float() / self.accum
@@ -118,8 +133,8 @@ class DeepSpeedBackend:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params,
             config=ds_config)
 
-    def forward(self, batch):
-        return self.engine(batch)
+    def forward(self, batch, **kwargs):
+        return self.engine(batch, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -194,11 +209,15 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
                 break
             terms_sum: dict[str, float] = {}
             loss_sum = 0.0
-            for micro in rank_micro_batches(batches[k], dist.rank, world, accum):
-                batch = to_device(collate([dataset[i] for i in micro]), dist.device)
+            micro_batches = [to_device(collate([dataset[i] for i in micro]), dist.device)
+                             for micro in rank_micro_batches(batches[k], dist.rank, world, accum)]
+            targets = dist.all_reduce_sum(sum(count_targets(b) for b in micro_batches))
+            # HF divides the summed loss by num_items_in_batch: the global count / (world x accum)
+            per_micro = max(targets, 1) / (world * accum)
+            for batch in micro_batches:
                 for method in methods:
                     method.before_forward(ctx, batch)
-                outputs = backend.forward(batch)
+                outputs = backend.forward(batch, num_items_in_batch=per_micro)
                 loss = outputs.loss
                 for method in methods:
                     for name, value in (method.loss_terms(ctx, batch, outputs) or {}).items():
@@ -207,7 +226,8 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
                                                               + float(value.detach()) / accum)
                 backend.backward(loss)
                 backend.step()
-                loss_sum += float(outputs.loss.detach()) / accum
+                loss_sum += float(outputs.loss.detach()) / (world * accum)
+            loss_sum = dist.all_reduce_sum(loss_sum)  # the global batch's token-mean loss
             step += 1
             last_loss = loss_sum
             for method in methods:

@@ -184,6 +184,7 @@ class Runner:
         for stage in stages[self.state["completed"]:]:
             cfg = stage.config
             self.ctx.stage = stage
+            self.session.fit_standardizer(stage)  # before the teacher copy: both see it
             for method in self.methods:
                 method.before_stage(self.ctx, stage)
             # after before_stage, so modules a method just added (zero-initialised) exist in it too

@@ -181,7 +181,25 @@ class Session:
         for name, param in self.model.named_parameters():
             if name in ever_trained or name not in self.base_names:
                 out[name] = param
+        for name, buf in self.model.named_buffers():  # fitted from data, not trained
+            if ".standardizers." in name:
+                out[name] = buf
         return out
+
+    @torch.no_grad()
+    def fit_standardizer(self, stage: Stage) -> None:
+        """Fit the connector's standardiser of ``stage``'s modality to its training features, the
+        first time that modality is trained (see :class:`~mil_plugins.model.connector.Standardizer`)."""
+        m, conn = stage.modality, self.model.connector
+        if not m or m not in conn or not conn.needs_fit(m):
+            return
+        feats = []
+        for sample in stage.train_samples:
+            for path in sample.media.get(m, []):
+                kind, x = self._media_loader(m, path)
+                feats.append(self.model.encode(m, x[None].to(self.dist.device), kind).float())
+        if feats:
+            conn.fit_standardizer(m, torch.cat(feats, 0))
 
     def method_states(self) -> dict[str, Any]:
         return {m.name: m.state_dict() for m in self.methods}
@@ -192,6 +210,7 @@ class Session:
             method.load_state_dict(loaded["methods"].get(method.name, {}))
         self.model.to(self.dist.device)
         params = dict(self.model.named_parameters())
+        params.update((k, b) for k, b in self.model.named_buffers() if ".standardizers." in k)
         missing = [k for k in loaded["weights"] if k not in params]
         if missing:
             raise KeyError(f"checkpoint weights not in the rebuilt model: {missing[:5]} "

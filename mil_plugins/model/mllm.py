@@ -64,7 +64,8 @@ class MultimodalLM(nn.Module):
         self.encoders = nn.ModuleDict()
         self.plugins: dict[str, ModalityPlugin] = {}
         self.placeholder_ids: dict[str, int] = {}
-        self.num_tokens: dict[str, int] = {}
+        self.num_tokens: dict[str, int] = {}   # placeholder copies = tokens the connector makes
+        self.enc_tokens: dict[str, int] = {}   # tokens the encoder makes
         self.build_info: dict[str, Any] = {}
         for plugin in plugins or []:
             self.add_modality(plugin)
@@ -114,7 +115,8 @@ class MultimodalLM(nn.Module):
             encoder.eval()
         if name not in self.connector:
             self.connector.add_modality(name, hidden,
-                                        projector_type or getattr(plugin, "default_projector", None))
+                                        projector_type or getattr(plugin, "default_projector", None),
+                                        num_tokens=ntok)
             for module in self.connector.modules_for(name):
                 module.to(device=ref.device, dtype=ref.dtype)
         elif self.connector.enc_hidden[name] != hidden:
@@ -123,7 +125,8 @@ class MultimodalLM(nn.Module):
         self.encoders[name] = encoder
         self.plugins[name] = plugin
         self.placeholder_ids[name] = token_id
-        self.num_tokens[name] = ntok
+        self.enc_tokens[name] = ntok
+        self.num_tokens[name] = self.connector.output_tokens(name, ntok)
 
     def _ensure_special_token(self, token: str) -> int:
         tok = self.tokenizer
@@ -175,7 +178,7 @@ class MultimodalLM(nn.Module):
                 encoder.eval()
                 with torch.no_grad():
                     feats = encoder(x)
-        want = (self.num_tokens[modality], self.connector.enc_hidden[modality])
+        want = (self.enc_tokens[modality], self.connector.enc_hidden[modality])
         if feats.dim() != 3 or tuple(feats.shape[1:]) != want:
             raise ValueError(f"{modality!r} {kind}: expected features [N, {want[0]}, {want[1]}], "
                              f"got {tuple(feats.shape)}")

@@ -52,6 +52,8 @@ CONNECTOR = {
     "projector_type": (Optional(str), "mlp2x_gelu"),
     "projector_types": (MapOf(str), {}),
     "shared_dim": (Optional(int), None),
+    "standardize": (bool, False),            # per-modality feature standardiser, fitted at its first stage
+    "mix_tokens": (Optional(int), None),     # shared mode: input layers read all tokens, write this many
 }
 
 LORA = {
