@@ -57,19 +57,25 @@ def predict(model, samples: list, make_loader: Callable[..., Any], *, methods=()
 
 
 def score_predictions(rows: list[dict]) -> dict:
-    """{"score": mean over tasks, "tasks": {task: score}, "n": count}."""
+    """{"score": mean over tasks, "tasks": {task: score}, "n": count, "se": standard error of
+    "score", "task_se": {task: standard error}} (see :func:`mil_plugins.stats.task_standard_error`)."""
+    from mil_plugins.stats import mean_standard_error, task_standard_error
+
     by_task: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_task[row["task"]].append(row)
-    tasks = {}
+    tasks, task_se = {}, {}
     for task, items in sorted(by_task.items()):
         metrics = {r["metric"] for r in items}
         if len(metrics) != 1:
             raise ValueError(f"task {task!r} mixes metrics {sorted(metrics)}")
-        tasks[task] = score(metrics.pop(), [r["prediction"] for r in items],
-                            [r["answer"] for r in items])
+        metric = metrics.pop()
+        preds, refs = [r["prediction"] for r in items], [r["answer"] for r in items]
+        tasks[task] = score(metric, preds, refs)
+        task_se[task] = task_standard_error(metric, preds, refs, score)
     overall = sum(tasks.values()) / len(tasks) if tasks else None
-    return {"score": overall, "tasks": tasks, "n": len(rows)}
+    se = mean_standard_error(list(task_se.values())) if tasks else None
+    return {"score": overall, "tasks": tasks, "n": len(rows), "se": se, "task_se": task_se}
 
 
 def eval_checkpoint_cli(checkpoint: Path, manifests: list[Path], root: Path | None = None,

@@ -63,16 +63,52 @@ def export_hf(model, out: Path) -> list[Path]:
     return written
 
 
+def _check_exact_mixed(model, modality: str, ptype: str, state: dict, mixer: dict) -> None:
+    """Token-mixing connector: mixer then the LLaVA projector must reproduce its output."""
+    from mil_plugins.projectors import build_projector
+
+    conn = model.connector
+    dtype = next(conn.parameters()).dtype
+    proj = build_projector(ptype, conn.shared_dim, model.llm.get_input_embeddings().weight.shape[1])
+    proj.load_state_dict(state)
+    proj.to(dtype=dtype)
+    x = torch.randn(2, conn.in_tokens[modality], conn.enc_hidden[modality], dtype=dtype)
+    with torch.no_grad():
+        mixed = torch.nn.functional.linear(x.reshape(2, -1), mixer["weight"], mixer["bias"])
+        theirs = proj(mixed.view(2, conn.mix_tokens, conn.shared_dim))
+        ours = conn(modality, x)
+    if not torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4):
+        raise ValueError(f"the {modality!r} connector is not a token mixer + plain LLaVA projector "
+                         f"(a method wrapped it); its LLaVA export would not be exact")
+
+
 def export_llava_one(model, modality: str, out: Path) -> list[Path]:
+    """LLaVA projector files for ``modality``. A token-mixing connector (``mix_tokens``) has no
+    per-token equivalent: the shared projector is written in LLaVA's layout (``mm_hidden_size`` =
+    the shared width) and the mixer beside it, ``mm_input_layer.safetensors`` (``weight [K*S,
+    T*D]``, ``bias``: flattened encoder features -> K tokens of width S), named in the config."""
     hidden = model.llm.get_input_embeddings().weight.shape[1]
-    ptype, mm_hidden, state = model.connector.llava_projector_state(
-        modality, fold_input_layer=model.connector.mode == "shared")
-    _check_exact(model, modality, ptype, state)
+    conn = model.connector
     plugin = model.plugins[modality]
     extra = {"mm_modality": modality, "mm_placeholder": plugin.placeholder,
              "mm_num_tokens": model.num_tokens[modality], "mm_encoder": plugin.config()}
-    return [save_llava_projector(out, state, projector_type=ptype, mm_hidden_size=mm_hidden,
-                                 hidden_size=hidden, extra_config=extra)]
+    written = []
+    if conn.mode == "shared" and conn.mix_tokens:
+        ptype, mm_hidden, state = conn.llava_projector_state(modality, fold_input_layer=False)
+        mixer = conn.mixer_state(modality)
+        _check_exact_mixed(model, modality, ptype, state, mixer)
+        written.append(atomic_save_safetensors(out / "mm_input_layer.safetensors", mixer))
+        extra["mm_input_layer"] = {"type": "token_mixer", "file": "mm_input_layer.safetensors",
+                                   "encoder_tokens": conn.in_tokens[modality],
+                                   "encoder_hidden_size": conn.enc_hidden[modality],
+                                   "tokens": conn.mix_tokens}
+    else:
+        ptype, mm_hidden, state = conn.llava_projector_state(
+            modality, fold_input_layer=conn.mode == "shared")
+        _check_exact(model, modality, ptype, state)
+    written.insert(0, save_llava_projector(out, state, projector_type=ptype, mm_hidden_size=mm_hidden,
+                                           hidden_size=hidden, extra_config=extra))
+    return written
 
 
 def export_checkpoint(checkpoint: Path, to: str, out: Path) -> list[Path]:

@@ -230,6 +230,18 @@ def render_markdown(payload: Mapping[str, Any]) -> str:
     for i, row in enumerate(R):
         rows.append([f"after {_md(stages[i])}"] + [_fmt(v, digits) for v in row])
     lines += _table(header, rows, ["l"] + ["r"] * n) + [""]
+    se = payload.get("accuracy_se")
+    if se:
+        S = _square(se, n)
+        rows = [[f"after {_md(stages[i])}"] + [_fmt(v, digits) for v in row] for i, row in enumerate(S)]
+        worst = max((v for v in _values(S) if not math.isnan(v)), default=None)
+        counts = payload.get("test_samples") or {}
+        sizes = ", ".join(f"{_md(k)} {v}" for k, v in counts.items())
+        lines += ["Standard error of each cell, from the size of its test split (binomial for exact "
+                  "match, bootstrap over samples for BLEU / CIDEr; a cell is the mean of its "
+                  f"tasks){': largest ' + _fmt(worst, digits) if worst is not None else ''}."
+                  + (f" Test samples: {sizes}." if sizes else ""), ""]
+        lines += _table(header, rows, ["l"] + ["r"] * n) + [""]
 
     # metrics
     lines += ["## Metrics", ""]

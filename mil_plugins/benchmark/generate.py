@@ -17,7 +17,7 @@ from .concepts import (EXACT_MATCH, MODALITIES, PLACEHOLDERS, TASKS, TEXT, answe
 from .manifest import make_sample, write_json, write_manifest
 from .text import generate_text_split
 
-VERSION = "1.0"
+VERSION = "1.1"  # 1.1: small has 432 test samples per modality (was 108)
 BENCHMARK_FILE = "benchmark.json"
 SPLITS = ("train", "test")
 
@@ -26,7 +26,7 @@ SPLITS = ("train", "test")
 #: exactly balanced; in tiny, 3-option answers are balanced to within one sample.
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {"train": 48, "test": 24, "text_train": 300, "text_test": 60},
-    "small": {"train": 432, "test": 108, "text_train": 1200, "text_test": 150},
+    "small": {"train": 432, "test": 432, "text_train": 1200, "text_test": 150},
     "full": {"train": 3024, "test": 504, "text_train": 4500, "text_test": 600},
 }
 

@@ -211,6 +211,9 @@ class Runner:
                     self.ctx.stage = other
                     scored = self._evaluate(other)
                     self.state["accuracy_matrix"][i][other.index] = scored["score"]
+                    self.state.setdefault("accuracy_se", [[None] * len(stages) for _ in stages])
+                    self.state["accuracy_se"][i][other.index] = scored["se"]
+                    self.state.setdefault("test_samples", {})[other.name] = scored["n"]
                     self.state["per_task"].setdefault(stage.name, {})[other.name] = scored["tasks"]
             self.ctx.stage = stage
             self.state["trainable_parameters"][i] = result["trainable_parameters"]
@@ -243,6 +246,8 @@ class Runner:
             "recipe": self.recipe.get("_source", ""),
             "per_task": s["per_task"].get(s["stages"][done - 1], {}) if done else {},
             "skipped_samples": self.session.skipped,
+            "accuracy_se": s.get("accuracy_se", [])[:done],
+            "test_samples": s.get("test_samples", {}),
             "completed_stages": done, "world_size": self.dist.world_size,
         }
         if s["baseline"] is not None:

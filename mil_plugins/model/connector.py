@@ -273,6 +273,22 @@ class Connector(nn.Module):
             sd["weight"], sd["bias"] = self.standardizers[modality].fold_into(sd["weight"], sd["bias"])
         return sd
 
+    def mixer_state(self, modality: str) -> dict[str, torch.Tensor]:
+        """shared mode with ``mix_tokens``: the token mixer of ``modality`` as one linear map of
+        the flattened raw features ``[T * D] -> [K * shared_dim]`` (standardiser folded in)."""
+        self._check(modality)
+        mixer = self.input_layers[modality]
+        if not isinstance(mixer, TokenMixer):
+            raise ValueError(f"the input layer of {modality!r} is not a token mixer")
+        w = mixer.linear.weight.detach().float().clone()
+        b = mixer.linear.bias.detach().float().clone()
+        if modality in self.standardizers:
+            std = self.standardizers[modality]
+            w = w * std.inv_std.float().reshape(1, -1)
+            b = b - w @ std.mean.float().reshape(-1)
+        dtype = mixer.linear.weight.dtype
+        return {"weight": w.to(dtype), "bias": b.to(dtype)}
+
     def llava_projector_state(self, modality: str, fold_input_layer: bool = False
                               ) -> tuple[str, int, dict[str, torch.Tensor]]:
         """``(mm_projector_type, mm_hidden_size, state_dict)`` in LLaVA's layout, for export.
