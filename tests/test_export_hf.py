@@ -36,7 +36,8 @@ def test_export_to_transformers_llava_gives_equal_logits(tmp_path):
                     "data.generate.size=tiny", f"output.dir={out}", "output.tensorboard=false",
                     "modalities={image: {pretrained: %s, image_size: 32, select_layer: -2}}" % clip_dir,
                     "stages=[{name: image, modality: image, train: image/train.json, test: image/test.json}]",
-                    "warmup=null", "train.max_steps=3"],
+                    "warmup=null", "train.max_steps=3",
+                    "model.connector.mix_tokens=null"],  # HF Llava's projector acts per token
                    cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     ckpt = out / "checkpoints" / "stage-01-image"
     export = tmp_path / "hf"
