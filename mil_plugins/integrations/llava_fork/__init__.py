@@ -10,10 +10,13 @@ Conversation templates: every name of ``llava.conversation.conv_templates`` is a
 ``mil_plugins.data.templates``. See docs/llava-forks.md.
 """
 
+from mil_plugins.integrations.llava_fork.checkpoint import (adopt_llava_dir, export_llava_dir,
+                                                            load_fork_modalities, save_fork)
 from mil_plugins.integrations.llava_fork.modalities import (MultiModalityMixin, add_modalities,
                                                             modality_entries, placeholder_indices)
 from mil_plugins.integrations.llava_fork.tokens import (IGNORE_INDEX, IMAGE_TOKEN_INDEX,
                                                         tokenizer_multimodal_token)
 
 __all__ = ["add_modalities", "MultiModalityMixin", "modality_entries", "placeholder_indices",
-           "tokenizer_multimodal_token", "IMAGE_TOKEN_INDEX", "IGNORE_INDEX"]
+           "tokenizer_multimodal_token", "IMAGE_TOKEN_INDEX", "IGNORE_INDEX",
+           "export_llava_dir", "adopt_llava_dir", "save_fork", "load_fork_modalities"]
