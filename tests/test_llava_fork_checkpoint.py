@@ -187,3 +187,41 @@ def test_unsupported_directories_and_models_say_why(llava_dir, tmp_path):
                                                 "intermediate_size": 64}}}, make_tokenizer())
     with pytest.raises(ValueError, match="no 'image' modality"):
         export_llava_dir(text_only, tmp_path / "x")
+
+
+def test_llava_builder_loads_the_export_and_preprocesses_images_as_we_do(ours_with_audio, tmp_path):
+    """LLaVA's own entry point (llava.model.builder.load_pretrained_model, fp16 on CPU) loads the
+    exported directory; its image processor gives our image plugin's tensor; it generates."""
+    from PIL import Image
+    from llava.mm_utils import process_images, tokenizer_image_token
+    from llava.model.builder import load_pretrained_model
+
+    out = export_llava_dir(ours_with_audio, tmp_path / "llava-export")
+    tok, model, processor, _ = load_pretrained_model(str(out), None, "llava-export", device="cpu")
+    assert type(model).__name__ == "LlavaLlamaForCausalLM"
+    path = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path)
+    theirs = process_images([Image.open(path)], processor, model.config)
+    ours = ours_with_audio.plugins["image"].preprocess(path)
+    torch.testing.assert_close(theirs[0].float(), ours, rtol=0, atol=1e-5)
+    ids = tokenizer_image_token("<image>\nwhat is it ?", tok, return_tensors="pt")[None]
+    out_ids = model.generate(ids, images=theirs.to(model.dtype), max_new_tokens=3, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    assert out_ids.shape[0] == 1 and 1 <= out_ids.shape[1] <= 3
+
+
+def test_a_recipe_can_start_from_a_llava_original_directory(llava_dir):
+    """model.llm.llava accepts a LLaVA-original directory too (build_from_llava)."""
+    from transformers import AutoTokenizer
+
+    from mil_plugins.model.hf_llava import build_from_llava
+
+    model = build_from_llava(str(llava_dir), AutoTokenizer.from_pretrained(str(llava_dir)),
+                             {"image": {}, "audio": AUDIO})
+    assert model.modalities == ["image", "audio"]
+    assert model.connector.projector_types == {"image": "mlp2x_gelu", "audio": "mlp2x_gelu"}
+    image, audio = _media(4)
+    ref = _ours_logits(adopt_llava_dir(llava_dir), PROMPTS[0], image, audio)
+    got = _ours_logits(model, PROMPTS[0], image, audio)
+    vocab = ref.shape[-1] - 1   # the <image> row each adoption adds is freshly initialised
+    assert torch.equal(got[..., :vocab], ref[..., :vocab])
