@@ -114,6 +114,12 @@ def test_image_only_batches_are_bit_identical_to_the_unmodified_model(fork, part
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert torch.equal(fork.generate(p_ids, attention_mask=p_mask, images={"image": images[:1]}, **kw),
                        reference.generate(p_ids, attention_mask=p_mask, images=images[:1], **kw))
+    t_ids, t_mask, _ = _batch(tok, fork, ["say hello"])
+    assert torch.equal(fork.generate(t_ids, attention_mask=t_mask, images={}, **kw),
+                       reference.generate(t_ids, attention_mask=t_mask, **kw))
+    with torch.no_grad():
+        assert torch.equal(fork(input_ids=text_ids, attention_mask=text_mask, images={}).logits,
+                           reference(input_ids=text_ids, attention_mask=text_mask).logits)
 
 
 def test_features_land_at_their_indices(fork, parts):

@@ -156,6 +156,10 @@ def prepare_multimodal(model, llava_prepare, input_ids, position_ids, attention_
                        f"(image and {sorted(entries)})")
     ours_in_ids = input_ids is not None and any(
         bool((input_ids == int(e["index"])).any()) for e in entries.values())
+    if isinstance(images, Mapping) and not media and not ours_in_ids:
+        # a text-only batch handed a dict: LLaVA's generate only passes inputs_embeds on
+        embeds = model.get_model().embed_tokens(input_ids)
+        return None, position_ids, attention_mask, past_key_values, embeds, labels
     if not ours_in_ids and set(media) <= {"image"}:
         out = llava_prepare(input_ids, position_ids, attention_mask, past_key_values, labels,
                             media.get("image"), image_sizes)
