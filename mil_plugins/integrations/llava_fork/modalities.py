@@ -123,7 +123,8 @@ def add_modalities(model: Any, modalities: Mapping[str, Mapping | None] | list,
                          "num_tokens": int(encoder.num_tokens), "plugin": plugin.config()}
         setattr(model.config, CONFIG_KEY, entries)
         model._mil_plugins = {**getattr(model, "_mil_plugins", {}), name: plugin}
-    if not isinstance(model, MultiModalityMixin) and "prepare_inputs_labels_for_multimodal" not in vars(model):
+    bound = "prepare_inputs_labels_for_multimodal" in vars(model)
+    if not isinstance(model, MultiModalityMixin) and not bound:
         llava_prepare = type(model).prepare_inputs_labels_for_multimodal
         model.prepare_inputs_labels_for_multimodal = types.MethodType(
             lambda self, *args, **kw: prepare_multimodal(
@@ -167,11 +168,10 @@ def prepare_multimodal(model, llava_prepare, input_ids, position_ids, attention_
     if input_ids.shape[1] == 1:
         return input_ids, position_ids, attention_mask, past_key_values, None, labels
 
+    if "image" in media and model.get_vision_tower() is None:
+        raise ValueError("images has an 'image' entry but the model has no vision tower")
     features = {m: _modality_items(model, m, x, image_sizes) for m, x in media.items()}
     index_of = {"image": IMAGE_TOKEN_INDEX, **{m: int(e["index"]) for m, e in entries.items()}}
-    for m in features:
-        if m == "image" and model.get_vision_tower() is None:
-            raise ValueError("images has an 'image' entry but the model has no vision tower")
 
     _labels, _position_ids, _attention_mask = labels, position_ids, attention_mask
     attention_mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
@@ -188,34 +188,10 @@ def prepare_multimodal(model, llava_prepare, input_ids, position_ids, attention_
     cursor = {m: 0 for m in features}
     new_embeds, new_labels = [], []
     for b, (ids, lab) in enumerate(zip(rows, row_labels)):
-        is_media = ids < 0
-        text_embeds = embed_tokens(ids[~is_media])
-        pieces, piece_labels = [], []
-        t = 0
-        start = 0
-        media_pos = torch.nonzero(is_media).flatten().tolist()
-        for pos in media_pos + [len(ids)]:
-            n_text = pos - start
-            pieces.append(text_embeds[t:t + n_text])
-            piece_labels.append(lab[start:pos])
-            t += n_text
-            if pos == len(ids):
-                break
-            modality = _modality_of(int(ids[pos]), index_of)
-            if modality not in features:
-                raise ValueError(f"row {b} has a {modality!r} placeholder index {int(ids[pos])} "
-                                 f"but images has no {modality!r} entry")
-            feats = features[modality][cursor[modality]]
-            cursor[modality] += 1
-            pieces.append(feats.to(text_embeds.dtype))
-            piece_labels.append(torch.full((feats.shape[0],), IGNORE_INDEX, device=lab.device,
-                                           dtype=lab.dtype))
-            start = pos + 1
-        for m in plan.get(b, ()):   # LLaVA's dummy item of a row without this modality
-            pieces.append(features[m][cursor[m]][0:0].to(text_embeds.dtype))
-            cursor[m] += 1
-        new_embeds.append(torch.cat([p.to(text_embeds.device) for p in pieces]))
-        new_labels.append(torch.cat(piece_labels))
+        embeds, row_labels_out = _splice_row(b, ids, lab, embed_tokens, features, cursor, index_of,
+                                             dummies=plan.get(b, ()))
+        new_embeds.append(embeds)
+        new_labels.append(row_labels_out)
 
     max_length = getattr(model.config, "tokenizer_model_max_length", None)
     if max_length is not None:
@@ -229,6 +205,34 @@ def prepare_multimodal(model, llava_prepare, input_ids, position_ids, attention_
            past_key_values, embeds,
            None if _labels is None else labels_out)
     return _with_absent_terms(model, out, present=set(features))
+
+
+def _splice_row(b, ids, lab, embed_tokens, features, cursor, index_of, dummies):
+    """One unpadded row: text embeddings with each negative index replaced by the next item of
+    its modality (labels -100 there); ``dummies``: modalities this row consumes one unused item of."""
+    is_media = ids < 0
+    text_embeds = embed_tokens(ids[~is_media])
+    pieces, labels = [], []
+    t = start = 0
+    for pos in torch.nonzero(is_media).flatten().tolist() + [len(ids)]:
+        pieces.append(text_embeds[t:t + pos - start])
+        labels.append(lab[start:pos])
+        t += pos - start
+        if pos == len(ids):
+            break
+        modality = _modality_of(int(ids[pos]), index_of)
+        if modality not in features:
+            raise ValueError(f"row {b} has a {modality!r} placeholder index {int(ids[pos])} "
+                             f"but images has no {modality!r} entry")
+        feats = features[modality][cursor[modality]]
+        cursor[modality] += 1
+        pieces.append(feats.to(text_embeds.dtype))
+        labels.append(torch.full((feats.shape[0],), IGNORE_INDEX, device=lab.device, dtype=lab.dtype))
+        start = pos + 1
+    for m in dummies:   # LLaVA's dummy item of a row without this modality: in the graph, unused
+        pieces.append(features[m][cursor[m]][0:0].to(text_embeds.dtype))
+        cursor[m] += 1
+    return torch.cat([p.to(text_embeds.device) for p in pieces]), torch.cat(labels)
 
 
 def _modality_of(index: int, index_of: Mapping[str, int]) -> str:
