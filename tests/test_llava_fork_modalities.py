@@ -210,6 +210,10 @@ def test_bad_input_errors(fork, parts):
         fork(input_ids=ids, attention_mask=mask, images={"depth": audio})
     with pytest.raises(ValueError, match="images has no 'audio' entry"):
         fork(input_ids=ids, attention_mask=mask, images={"image": images[:0]})
+    fork.config.mm_patch_merge_type = "spatial_unpad"     # LLaVA-1.6 anyres image lists
+    ids2, mask2, _ = _batch(tok, fork, ["<image>\nhear <audio>"])
+    with pytest.raises(ValueError, match="mm_patch_merge_type='spatial_unpad'.*not supported"):
+        fork(input_ids=ids2, attention_mask=mask2, images={"image": [images[0]], "audio": audio})
     with pytest.raises(ValueError, match="LLaVA's own vision tower"):
         add_modalities(fork, {"image": {}})
     with pytest.raises(ValueError, match="already has modality 'audio'"):
