@@ -16,12 +16,16 @@ BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 def llama_tokenizer(texts: list[str], legacy: bool = False, vocab_size: int = 700,
                     extra_special: list[str] | None = None):
     """A ``LlamaTokenizer`` (SentencePiece-style BPE: ``▁`` word prefix, byte fallback, BOS added)
-    trained on ``texts``; ``legacy`` as in LLaMA's tokenizer (prefix ``▁`` after special tokens)."""
+    trained on ``texts``; ``legacy`` as in LLaMA's tokenizer (prefix ``▁`` after special tokens);
+    ``extra_special``: added special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AddedToken, LlamaTokenizer
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # trained word by word, with "\n" on its own (LLaMA's byte-fallback <0x0A> never merges)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", "isolated"),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   special_tokens=["<unk>", "<s>", "</s>"] + BYTE_TOKENS)
     bpe.train_from_iterator(texts, trainer)

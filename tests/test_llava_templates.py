@@ -1,7 +1,7 @@
 """Our conversation templates against LLaVA's own (the real ``llava`` package): the prompt strings
 of every template in ``llava.conversation.conv_templates``, and the token ids and label masks of
-LLaVA's training preprocessing (``preprocess_v1``, ``preprocess_plain``) with a LLaMA-style
-tokenizer."""
+LLaVA's training preprocessing (``preprocess_v1``, ``preprocess_plain``, ``preprocess_llama_2``)
+with a LLaMA-style tokenizer."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_a_recipe_can_name_any_llava_template(tmp_path):
 
 @pytest.fixture(scope="module", params=[False, True], ids=["legacy=False", "legacy=True"])
 def tok(request):
-    texts = [get_template(n).text(c, ["<image>"]) for n in ("v1", "llava_v1")
+    texts = [get_template(n).text(c, ["<image>"]) for n in ("v1", "llava_v1", "llama_2", "llava_llama_2")
              for c in (ONE, TWO, TEXT_ONLY)] * 10
     return llama_tokenizer(texts, legacy=request.param)
 
@@ -92,6 +92,17 @@ def test_v1_ids_and_labels_equal_llava_preprocess_v1(tok, name, turns, monkeypat
     gen = encode_for_generation({"conversations": turns}, tok, name, IMAGE, None)
     prompt = _llava_conv(name, turns, generation=True).get_prompt()
     assert gen["input_ids"] == tokenizer_image_token(prompt, tok)
+
+
+@pytest.mark.parametrize("name", ["llama_2", "llava_llama_2"])
+@pytest.mark.parametrize("turns", [ONE, TWO], ids=["one", "two"])
+def test_llama_2_ids_and_labels_equal_llava_preprocess_llama_2(tok, name, turns, monkeypatch):
+    train = llava_preprocess()
+    monkeypatch.setattr(conversation, "default_conversation", conversation.conv_templates[name])
+    ref = train.preprocess_llama_2([copy.deepcopy(turns)], tok, has_image=True)
+    ours = encode_for_training({"conversations": turns}, tok, name, IMAGE, None)
+    assert ours["input_ids"] == ref["input_ids"][0].tolist()
+    assert ours["labels"] == ref["labels"][0].tolist()
 
 
 def test_plain_ids_and_labels_equal_llava_preprocess_plain(tok, monkeypatch):
