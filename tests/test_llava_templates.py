@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import copy
 
+import llava.conversation as conversation
 import pytest
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.mm_utils import tokenizer_image_token
 
 from _llava_fixtures import llama_tokenizer, llava_preprocess
 from mil_plugins.data import get_template
 from mil_plugins.data.templates import LLAVA_TEMPLATE_NAMES, TEMPLATES
 from mil_plugins.data.tokenize import encode_for_generation, encode_for_training
-
-import llava.conversation as conversation  # noqa: E402
-from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
-from llava.mm_utils import tokenizer_image_token  # noqa: E402
 
 ONE = [{"from": "human", "value": "<image>\nWhat is in the picture?"},
        {"from": "gpt", "value": "A black cat."}]
