@@ -225,3 +225,30 @@ def test_a_recipe_can_start_from_a_llava_original_directory(llava_dir):
     got = _ours_logits(model, PROMPTS[0], image, audio)
     vocab = ref.shape[-1] - 1   # the <image> row each adoption adds is freshly initialised
     assert torch.equal(got[..., :vocab], ref[..., :vocab])
+
+
+def test_export_a_recipe_model_with_a_shared_connector(tmp_path):
+    """A model built from a recipe's model section (image plugin with a pretrained CLIP tower,
+    shared connector): each modality's input layer is folded into its LLaVA projector exactly."""
+    from llava.model import LlavaLlamaForCausalLM
+
+    from mil_plugins.model.build import build_model, build_tiny_llm_config
+
+    tower = save_tiny_clip_tower(tmp_path / "tower")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    ours = build_model({"llm": {"config": build_tiny_llm_config(len(tok), hidden_size=48,
+                                                                intermediate_size=96)},
+                        "modalities": {"image": {"pretrained": str(tower), "image_size": 32},
+                                       "audio": AUDIO},
+                        "connector": {"mode": "shared", "projector_type": "mlp2x_gelu",
+                                      "shared_dim": 40}}, tok).eval()
+    out = export_llava_dir(ours, tmp_path / "exported")
+    fork, info = LlavaLlamaForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    fork.get_vision_tower().load_model()
+    load_fork_modalities(fork.eval(), out)
+    image, audio = _media(5)
+    for prompt in PROMPTS:
+        torch.testing.assert_close(_fork_logits(fork, tok, prompt, image, audio),
+                                   _ours_logits(ours, prompt, image, audio), rtol=0, atol=1e-5)
