@@ -252,3 +252,28 @@ def test_export_a_recipe_model_with_a_shared_connector(tmp_path):
     for prompt in PROMPTS:
         torch.testing.assert_close(_fork_logits(fork, tok, prompt, image, audio),
                                    _ours_logits(ours, prompt, image, audio), rtol=0, atol=1e-5)
+
+
+def test_export_merges_lora(ours_with_audio, tmp_path):
+    import copy
+
+    from llava.model import LlavaLlamaForCausalLM
+
+    from mil_plugins.model.build import apply_lora
+
+    ours = copy.deepcopy(ours_with_audio)
+    ours.llm = apply_lora(ours.llm, {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    with torch.no_grad():
+        for name, p in ours.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ours.eval()
+    out = export_llava_dir(ours, tmp_path / "exported")
+    fork, info = LlavaLlamaForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    fork.get_vision_tower().load_model()
+    load_fork_modalities(fork.eval(), out)
+    image, audio = _media(6)
+    for prompt in PROMPTS:
+        torch.testing.assert_close(_fork_logits(fork, ours.tokenizer, prompt, image, audio),
+                                   _ours_logits(ours, prompt, image, audio), rtol=0, atol=1e-5)
