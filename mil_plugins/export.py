@@ -5,6 +5,9 @@ LLaVA's keys (``model.mm_projector.0.weight`` ...) and a ``config.json`` with LL
 With a shared connector, the modality's input layer is folded exactly into the projector's first
 linear layer, so the exported projector maps the encoder's features straight to the LLM width.
 
+``--to llava-dir``: ``OUT/`` is a LLaVA-original directory (``LlavaLlamaForCausalLM.from_pretrained``
+loads it; other modalities in ``OUT/modalities/``): :mod:`mil_plugins.integrations.llava_fork`.
+
 ``--to hf``: ``OUT/`` is a directory that ``LlavaForConditionalGeneration.from_pretrained`` loads
 (image tower + image projector + LLM, LoRA merged); every other modality's encoder and projector is
 written beside it under ``OUT/modalities/<modality>/`` (safetensors + LLaVA projector files).
@@ -119,4 +122,8 @@ def export_checkpoint(checkpoint: Path, to: str, out: Path) -> list[Path]:
         return export_llava(session.model, out)
     if to == "hf":
         return export_hf(session.model, out)
-    raise ValueError(f"unknown export target {to!r}; choose llava or hf")
+    if to == "llava-dir":
+        from mil_plugins.integrations.llava_fork.checkpoint import export_llava_dir
+
+        return [export_llava_dir(session.model, out)]
+    raise ValueError(f"unknown export target {to!r}; choose llava, llava-dir or hf")

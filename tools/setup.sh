@@ -10,6 +10,10 @@
 #   deepspeed==0.19.8    built from source with DS_BUILD_OPS=0 (ops JIT-compile on GPU when needed),
 #                        --no-build-isolation so that its build sees our torch instead of fetching one.
 #   open3d-cpu==0.20.0   needs the Debian package libusb-1.0-0 to import; installed here when missing.
+#   llava-torch==1.2.2.post1  LLaVA's own code (the `llava` package of haotian-liu/LLaVA), for the LLaVA-fork
+#                        integration and its tests; installed --no-deps: its pins (torch 2.0.1,
+#                        transformers 4.36.2, timm, gradio ...) are stale and llava.model, .conversation,
+#                        .mm_utils and .model.builder need nothing beyond our stack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -47,7 +51,9 @@ echo "[setup] mil-plugins and its dependencies"
 pip_install -e ".[test]"
 echo "[setup] deepspeed (from source, DS_BUILD_OPS=0)"
 DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed==0.19.8"
-.venv/bin/python -c "import torch, transformers, peft, deepspeed, librosa, av, open3d, mil_plugins" \
+echo "[setup] llava-torch (LLaVA's own code, without its stale pinned dependencies)"
+pip_install --no-deps "llava-torch==1.2.2.post1"
+.venv/bin/python -c "import torch, transformers, peft, deepspeed, librosa, av, open3d, mil_plugins, llava.model" \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[setup] done: torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"

@@ -2,7 +2,7 @@
 tokenisation with placeholder expansion, a torch Dataset, the collator, and ``mil check-data``.
 
     manifest      load_manifest / load_manifests -> ManifestData(samples, skipped)
-    templates     get_template("plain" | "v1" | "llava_v1" | "qa") -> Template
+    templates     get_template("plain" | "v1" | "llava_v1" | "qa" | any LLaVA conv_templates name)
     tokenize      encode_for_training / encode_for_generation (placeholder runs, -100 masking)
     tiny_tokenizer build_word_tokenizer (tests, quickstart)
     dataset       MultimodalDataset

@@ -15,6 +15,13 @@ generation) and the answer segment starts with the space, ``" a</s>"``.
     llava_v1  the same with LLaVA's "curious human" system prompt.
     qa      ``Q: q A: a</s>`` (no system prompt): a small template for tiny models.
 
+Every name of ``llava.conversation.conv_templates`` is here too (:data:`LLAVA_TEMPLATE_NAMES`), with
+LLaVA's styles: ``single`` (v0: ``SYSTEM###Human: q###Assistant: a###``), ``two`` (v1), ``mpt``
+(chatml: ``<|im_start|>user\\nq<|im_end|>``), ``llama_2`` (``[INST] <<SYS>>...<</SYS>>\\n\\nq [/INST] a </s>``)
+and ``plain``; the ``*_mmtag`` ones wrap each placeholder in ``<Image>...</Image>`` as LLaVA's
+``preprocess_multimodal`` does. ``default``/``v0`` render without the worked example that LLaVA's
+``conv_vicuna_v0`` carries for chat demos (LLaVA's training does not use it either).
+
 A conversation's own first ``system`` turn replaces the template's system prompt (``plain`` has none).
 """
 
@@ -63,8 +70,9 @@ def conversation_rounds(conversations: Sequence[dict]) -> tuple[str | None, list
 
 @dataclass(frozen=True)
 class Template:
-    """A conversation template. ``style`` is ``"plain"`` or ``"two"`` (LLaVA's SeparatorStyle.TWO:
-    ``system sep role0: q sep role1: a sep2 ...``)."""
+    """A conversation template. ``style`` is one of :data:`STYLES`, LLaVA's ``SeparatorStyle``s
+    (``two``: ``system sep role0: q sep role1: a sep2 ...``). ``wrap`` is put around every
+    placeholder of a human turn (``("<Image>", "</Image>")`` for LLaVA's mmtag templates)."""
 
     name: str
     style: str
@@ -72,10 +80,11 @@ class Template:
     roles: tuple[str, str] = ("", "")
     sep: str = ""
     sep2: str = ""
+    wrap: tuple[str, str] = ("", "")
 
     def __post_init__(self):
-        if self.style not in ("plain", "two"):
-            raise ValueError(f"template style must be 'plain' or 'two', got {self.style!r}")
+        if self.style not in STYLES:
+            raise ValueError(f"template style must be one of {STYLES}, got {self.style!r}")
 
     # -- rendering ---------------------------------------------------------------------------------
     def render(self, conversations: Sequence[dict], placeholders: Iterable[str] = ()
@@ -95,13 +104,12 @@ class Template:
         else:
             if system is None:
                 system = self.system
-            user, assistant = self.roles
-            segments = []
-            prefix = system + self.sep if system else ""
-            for question, answer in rounds:
-                segments.append((f"{prefix}{user}: {question}{self.sep}{assistant}:", False))
-                segments.append((f" {answer}{self.sep2}", True))
-                prefix = ""
+            if any(self.wrap):
+                pattern = placeholder_regex(placeholders)
+                if pattern is not None:
+                    rounds = [(pattern.sub(lambda m: self.wrap[0] + m.group() + self.wrap[1], q), a)
+                              for q, a in rounds]
+            segments = _RENDER[self.style](self, system, rounds)
         return [(text, target) for text, target in segments if text]
 
     def render_prompt(self, conversations: Sequence[dict], placeholders: Iterable[str] = ()
@@ -124,7 +132,56 @@ class Template:
     @property
     def literal_text(self) -> str:
         """Every string the template itself adds (to include when building a word vocabulary)."""
-        return " ".join([self.system, *self.roles, ":", self.sep, self.sep2])
+        return " ".join([self.system, *self.roles, ":", self.sep, self.sep2, *self.wrap,
+                         "[INST] [/INST] <<SYS>> <</SYS>>" if self.style == "llama_2" else ""])
+
+
+def _render_two(t: Template, system: str, rounds) -> list[Segment]:
+    user, assistant = t.roles
+    segments = []
+    prefix = system + t.sep if system else ""
+    for question, answer in rounds:
+        segments.append((f"{prefix}{user}: {question}{t.sep}{assistant}:", False))
+        segments.append((f" {answer}{t.sep2}", True))
+        prefix = ""
+    return segments
+
+
+def _render_single(t: Template, system: str, rounds) -> list[Segment]:
+    user, assistant = t.roles
+    segments = []
+    prefix = system + t.sep
+    for question, answer in rounds:
+        segments.append((f"{prefix}{user}: {question}{t.sep}{assistant}:", False))
+        segments.append((f" {answer}{t.sep}", True))
+        prefix = ""
+    return segments
+
+
+def _render_mpt(t: Template, system: str, rounds) -> list[Segment]:
+    user, assistant = t.roles
+    segments = []
+    prefix = system + t.sep
+    for question, answer in rounds:
+        segments.append((f"{prefix}{user}{question}{t.sep}{assistant}", False))
+        segments.append((f"{answer}{t.sep}", True))
+        prefix = ""
+    return segments
+
+
+def _render_llama_2(t: Template, system: str, rounds) -> list[Segment]:
+    segments = []
+    for i, (question, answer) in enumerate(rounds):
+        if i == 0 and system:
+            question = f"<<SYS>>\n{system}\n<</SYS>>\n\n{question}"
+        segments.append((f"{t.sep if i else ''}[INST] {question} [/INST]", False))
+        segments.append((f" {answer} {t.sep2}", True))
+    return segments
+
+
+_RENDER = {"two": _render_two, "single": _render_single, "mpt": _render_mpt,
+           "llama_2": _render_llama_2}
+STYLES = ("plain", *_RENDER)
 
 
 TEMPLATES: dict[str, Template] = {
@@ -136,6 +193,46 @@ TEMPLATES: dict[str, Template] = {
     "qa": Template("qa", "two", system="", roles=("Q", "A"), sep=" ", sep2="</s>"),
 }
 TEMPLATES["vicuna_v1"] = dataclasses.replace(TEMPLATES["v1"], name="vicuna_v1")
+
+# LLaVA's other templates (llava.conversation.conv_templates), by the same names
+_LLAMA_2_SYSTEM = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
+    "while being safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, "
+    "dangerous, or illegal content. Please ensure that your responses are socially unbiased and "
+    "positive in nature.\n\nIf a question does not make any sense, or is not factually coherent, "
+    "explain why instead of answering something not correct. If you don't know the answer to a "
+    "question, please don't share false information.")
+_LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand "
+                         "the visual content that the user provides, and assist the user with a "
+                         "variety of tasks using natural language.")
+_MMTAG_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
+                 "assistant is able to understand the visual content that the user provides, and "
+                 "assist the user with a variety of tasks using natural language.The visual content "
+                 "will be provided with the following format: <Image>visual content</Image>.")
+_v0 = Template("v0", "single", system=LLAVA_SYSTEM, roles=("Human", "Assistant"), sep="###")
+_llama_2 = Template("llama_2", "llama_2", system=_LLAMA_2_SYSTEM, roles=("USER", "ASSISTANT"),
+                    sep="<s>", sep2="</s>")
+_chatml = Template("chatml_direct", "mpt", system="<|im_start|>system\nAnswer the questions.",
+                   roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep="<|im_end|>")
+for _t in (
+    _v0, dataclasses.replace(_v0, name="default"), dataclasses.replace(_v0, name="llava_v0"),
+    dataclasses.replace(_v0, name="v0_mmtag", system=_MMTAG_SYSTEM, wrap=("<Image>", "</Image>")),
+    Template("v1_mmtag", "two", system=_MMTAG_SYSTEM, roles=("USER", "ASSISTANT"), sep=" ",
+             sep2="</s>", wrap=("<Image>", "</Image>")),
+    _llama_2,
+    dataclasses.replace(_llama_2, name="llava_llama_2", system=_LLAVA_LLAMA_2_SYSTEM),
+    dataclasses.replace(_llama_2, name="mistral_instruct", system="", sep=""),
+    _chatml, dataclasses.replace(_chatml, name="mistral_direct"),
+    Template("mpt", "mpt", system="<|im_start|>system\nA conversation between a user and an "
+             "LLM-based AI assistant. The assistant gives helpful and honest answers.",
+             roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep="<|im_end|>"),
+    dataclasses.replace(TEMPLATES["plain"], name="v0_plain"),
+):
+    TEMPLATES[_t.name] = _t
+#: the names of ``llava.conversation.conv_templates``, every one of which is in TEMPLATES
+LLAVA_TEMPLATE_NAMES = ("default", "v0", "v1", "vicuna_v1", "llama_2", "mistral_instruct",
+                        "chatml_direct", "mistral_direct", "plain", "v0_plain", "llava_v0",
+                        "v0_mmtag", "llava_v1", "v1_mmtag", "llava_llama_2", "mpt")
 
 
 def get_template(name: str | Template, **overrides) -> Template:

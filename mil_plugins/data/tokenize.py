@@ -11,8 +11,11 @@ builds it from a tokenizer, the plugins and the per-modality token counts.
 
 Labels are ``-100`` (:data:`IGNORE_INDEX`) everywhere except on the answers (including the ``</s>``
 / separator that ends them): the system prompt, the human turns, the role prefixes and the modality
-tokens are never targets. Text segments are tokenised one by one with ``add_special_tokens=False``
-(the text around each placeholder separately, like LLaVA's ``tokenizer_image_token``) and the BOS
+tokens are never targets. The text between two placeholders is tokenised as one string with
+``add_special_tokens=False`` (like LLaVA's ``tokenizer_image_token``, which tokenises the whole
+conversation chunk by chunk around ``<image>``), so a SentencePiece-style tokenizer sees the same
+text LLaVA gives it; a token is a target when its first character lies in an answer (character
+offsets of a fast tokenizer; a slow tokenizer falls back to tokenising segment by segment). The BOS
 token (if the tokenizer has one) is put once at the start.
 """
 
@@ -86,15 +89,11 @@ def _conversations(sample: Any):
 
 
 def _encode_units(segments, tokenizer, placeholders) -> list[tuple[list[int], int]]:
-    """Segments -> units ``(ids, kind)``; a placeholder run is one unit of kind ``_MEDIA``."""
+    """Segments -> units ``(ids, kind)``; a placeholder run is one unit of kind ``_MEDIA``; the text
+    between placeholders is tokenised as one string (see the module docstring)."""
     pattern = placeholder_regex(placeholders)
     units: list[tuple[list[int], int]] = []
-
-    def text(chunk: str, target: bool):
-        if chunk:
-            ids = tokenizer.encode(chunk, add_special_tokens=False)
-            if ids:
-                units.append((list(ids), _TARGET if target else _TEXT))
+    run: list[tuple[str, bool]] = []   # the (text, is_target) pieces since the last placeholder
 
     for seg, target in segments:
         pos = 0
@@ -102,11 +101,37 @@ def _encode_units(segments, tokenizer, placeholders) -> list[tuple[list[int], in
             if target:
                 raise DataError(f"the placeholder {match.group()!r} is in an answer; placeholders "
                                 f"belong in human turns")
-            text(seg[pos:match.start()], target)
+            run.append((seg[pos:match.start()], target))
+            units.extend(_encode_run(run, tokenizer))
+            run = []
             tid, n = placeholders[match.group()]
             units.append(([tid] * n, _MEDIA))
             pos = match.end()
-        text(seg[pos:], target)
+        run.append((seg[pos:], target))
+    units.extend(_encode_run(run, tokenizer))
+    return units
+
+
+def _encode_run(pieces: list[tuple[str, bool]], tokenizer) -> list[tuple[list[int], int]]:
+    """Placeholder-free text pieces -> units, tokenising their concatenation once."""
+    pieces = [(text, target) for text, target in pieces if text]
+    if not pieces:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        return [(list(ids), _TARGET if target else _TEXT) for text, target in pieces
+                if (ids := tokenizer.encode(text, add_special_tokens=False))]
+    text = "".join(t for t, _ in pieces)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    is_target = []  # per character
+    for piece, target in pieces:
+        is_target.extend([target] * len(piece))
+    units: list[tuple[list[int], int]] = []
+    for tid, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        kind = _TARGET if is_target[min(start, len(text) - 1)] else _TEXT
+        if units and units[-1][1] == kind:
+            units[-1][0].append(tid)
+        else:
+            units.append(([tid], kind))
     return units
 
 

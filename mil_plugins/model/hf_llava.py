@@ -301,19 +301,29 @@ def build_from_llava(source: str, tokenizer: Any, modalities: dict[str, dict], *
                      projector_types: dict[str, str] | None = None,
                      lora: dict | None = None, dtype: torch.dtype = torch.float32) -> MultimodalLM:
     """A recipe's model adopted from a ``LlavaForConditionalGeneration`` checkpoint (hub id such
-    as ``llava-hf/llava-1.5-7b-hf``, or a directory): Llava's tower and projector are the image
-    modality, every other modality of the recipe gets its plugin's encoder and a projector of its
-    own (per-modality connector), and LoRA is applied to the LLM when the recipe asks for it."""
+    as ``llava-hf/llava-1.5-7b-hf``, or a directory) or from a LLaVA-original directory
+    (``model_type: llava_llama``, see :mod:`mil_plugins.integrations.llava_fork`): Llava's tower
+    and projector are the image modality, every other modality of the recipe gets its plugin's
+    encoder and a projector of its own (per-modality connector), unless the directory brought it,
+    and LoRA is applied to the LLM when the recipe asks for it."""
+    import json
+
     from transformers import LlavaForConditionalGeneration
 
     from mil_plugins.model.build import apply_lora
     from mil_plugins.plugins import MODALITIES
 
-    llava = LlavaForConditionalGeneration.from_pretrained(str(source), dtype=dtype)
-    model = from_hf_llava(llava, tokenizer)
+    config = Path(str(source)) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "llava_llama":
+        from mil_plugins.integrations.llava_fork.checkpoint import adopt_llava_dir
+
+        model = adopt_llava_dir(source, tokenizer, dtype=dtype)
+    else:
+        model = from_hf_llava(LlavaForConditionalGeneration.from_pretrained(str(source), dtype=dtype),
+                              tokenizer)
     for name, options in modalities.items():
-        if name == "image":
-            continue  # the adopted tower is the image modality
+        if name in model.plugins:
+            continue  # the adopted tower is the image modality; a sidecar brings its own
         plugin = MODALITIES.get(name)(**dict(options or {}))
         model.add_modality(plugin, projector_type=(projector_types or {}).get(name) or projector_type)
     if lora:
