@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from _model_fixtures import SeqPlugin, VecPlugin, make_batch, make_tokenizer, registered_fakes, tiny_cfg
+from _model_fixtures import (SeqPlugin, VecPlugin, greedy_recompute, make_batch, make_tokenizer,
+                             registered_fakes, tiny_cfg)
 from mil_plugins.model.build import build_model
 from mil_plugins.model.layer_modules import find_linears
 
@@ -100,21 +101,7 @@ def test_cached_generation_equals_recomputation_with_the_map():
     steps = [ids for ids in q.seen if ids.shape[1] == 1]
     assert steps and all(bool((ids == 0).all()) for ids in steps)
     # full recomputation: the whole sequence through forward() at every step
-    tok = m.tokenizer
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    done = torch.zeros(len(ids), dtype=torch.bool)
-    out = []
-    for _ in range(cached.shape[1]):
-        with torch.no_grad():
-            logits = m({**batch, "input_ids": ids, "attention_mask": mask}).logits[:, -1]
-        logits[:, placeholders] = float("-inf")
-        nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
-        done |= nxt == tok.eos_token_id
-        out.append(nxt)
-        ids = torch.cat([ids, nxt[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(torch.stack(out, 1), cached)
+    assert torch.equal(greedy_recompute(m, batch, cached.shape[1], placeholders), cached)
 
 
 def test_teacher_copy_routes_through_its_own_modules():
