@@ -182,6 +182,7 @@ def greedy_recompute(model, batch, steps: int, suppress: list[int]) -> torch.Ten
     rebuilds the token-modality map from the ids) at every step; ``[B, steps]`` new ids, padded
     after EOS like HF ``generate``. ``suppress``: ids never chosen (placeholders)."""
     tok = model.tokenizer
+    model.eval()  # as generate() runs
     ids, mask = batch["input_ids"], batch["attention_mask"]
     done = torch.zeros(len(ids), dtype=torch.bool)
     out = []
