@@ -63,7 +63,7 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.scale = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.ones(1))  # 1-d: DeepSpeed ZeRO cannot flatten 0-d parameters
 
     def forward(self, x: torch.Tensor, inner: nn.Module | None = None) -> torch.Tensor:
         h = self.down(x)
