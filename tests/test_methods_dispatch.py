@@ -122,6 +122,12 @@ def test_registry_imports_no_interface_and_no_torch():
                          env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+    listing = ("import sys, runpy; sys.argv = ['mil', 'plugins', '--no-load', '--kind', 'method']; "
+               "import mil_plugins.cli as c; rc = c.main(); print('torch' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", listing], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "finetune" in out.stdout and out.stdout.strip().endswith("False 0")
 
 
 def test_a_plugin_is_type_checked_when_it_is_registered_or_loaded():
