@@ -141,3 +141,12 @@ def test_unknown_target_is_a_clear_error():
     m = _model()
     with pytest.raises(ValueError, match="no llm linear layer matches.*q_proj"):
         m.wrap_linears("test", ["qproj"], lambda n, lin: nn.Identity())
+
+
+def test_hf_export_refuses_a_model_with_modules_inside_the_llm(tmp_path):
+    from mil_plugins.export import export_hf
+
+    m = _model()
+    _wrap(m, targets=("q_proj",))
+    with pytest.raises(ValueError, match="inside the LLM's layers"):
+        export_hf(m, tmp_path / "hf")
