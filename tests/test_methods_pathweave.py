@@ -36,7 +36,8 @@ def test_new_adapter_is_a_no_op_and_earlier_paths_stay_bit_identical():
     assert torch.equal(_logits(h, "<vec> what is it ?"), vec1)
     d = _layer(h).adapters["a1"].down.in_features
     x = torch.randn(5, d)
-    assert torch.equal(_layer(h).adapters["a1"](x), torch.zeros(5, _layer(h).adapters["a1"].up.out_features))  # the new adapter
+    new = _layer(h).adapters["a1"]
+    assert torch.equal(new(x), torch.zeros(5, new.up.out_features))  # the new adapter
     assert not torch.equal(_logits(h, "<seq> say it"), seq0)  # ... but the cross-modal one acts
     frozen = {n: p.detach().clone() for n, p in h.model.named_parameters() if ".a0." in n
               or n.endswith(".a0")}

@@ -7,8 +7,8 @@ the only thing a method mutates is the model it was handed in :meth:`setup` (to 
 gates, experts: as submodules, or beside the LLM's / connector's linear layers through
 ``ctx.model.wrap_linears``) and its own state. Parameters and persistent buffers a method adds to
 the model are checkpointed with it. The engine calls the hooks through one
-:class:`~mil_plugins.methods.dispatch.MethodHooks`. Misspelled hooks are caught when the class is registered (see
-:func:`check_method_plugin`).
+:class:`~mil_plugins.methods.dispatch.MethodHooks`. Misspelled hooks are caught when the class is
+registered (see :func:`check_method_plugin`).
 """
 
 from __future__ import annotations

@@ -118,8 +118,8 @@ class MethodHooks:
                     mine.append(p)
                 if not mine:
                     continue
-                group = {"params": mine,
-                         "lr": float(spec["lr"]) if "lr" in spec else lr * float(spec.get("lr_scale", 1.0))}
+                own_lr = float(spec["lr"]) if "lr" in spec else lr * float(spec.get("lr_scale", 1.0))
+                group = {"params": mine, "lr": own_lr}
                 group["weight_decay"] = float(spec.get("weight_decay", weight_decay))
                 extra.append(group)
         if not claimed:

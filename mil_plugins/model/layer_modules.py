@@ -72,7 +72,8 @@ class TokenModality:
         if x is None:
             x = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("past_key_values")
-        n_past = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        has_length = past is not None and hasattr(past, "get_seq_length")
+        n_past = int(past.get_seq_length()) if has_length else 0
         batch, length = int(x.shape[0]), int(x.shape[1])
         prompt = self.prompt.to(x.device)
         if prompt.shape[0] != batch:  # beam search / num_return_sequences expand the batch
