@@ -126,3 +126,18 @@ def test_options_are_checked():
     h = Harness([RoutedExperts(targets=["q_proj"])], setup=False)
     with pytest.raises(ValueError, match="bridge needs k_proj"):
         h.methods[0].setup(h.ctx)
+
+
+def test_with_a_lora_llm_text_still_takes_the_base_and_lora_weights_exactly():
+    from test_methods_unit import LORA
+
+    h = Harness([RoutedExperts()], lora=LORA, trainable=("connector", "lora"), setup=False)
+    text = _batch(h, ["hello what is it ?"])
+    before = h.model(text).logits
+    h.methods[0].setup(h.ctx)
+    _scramble(h)
+    assert torch.equal(h.model(text).logits, before)
+    s0 = h.stages[0]
+    _, names = h.begin(s0)
+    assert any("lora_" in n for n in names) and any(".experts.mtest_vec." in n for n in names)
+    assert h.train(s0, steps=2)["steps"] == 2
