@@ -15,7 +15,7 @@ from pathlib import Path
 def cmd_plugins(args: argparse.Namespace) -> int:
     from mil_plugins.plugins import all_records
 
-    rows = all_records(load=True)
+    rows = all_records(load=not args.no_load)
     if args.kind:
         rows = [r for r in rows if r["kind"] == args.kind]
     if args.json:
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list every installed plugin and whether it loads")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--kind", choices=["modality", "projector", "method"])
+    p.add_argument("--no-load", action="store_true",
+                   help="list what is installed without importing it (fast: no torch)")
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("make-benchmark", help="generate the built-in modality-incremental benchmark")

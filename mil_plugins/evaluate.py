@@ -38,11 +38,13 @@ def predict(model, samples: list, make_loader: Callable[..., Any], *, methods=()
     rows = []
     was_training = model.training
     model.eval()
+    from mil_plugins.methods.dispatch import MethodHooks
+
+    hooks = MethodHooks.of(methods, ctx)
     batches = make_loader(mine, mode="eval", batch_size=batch_size)
     seen = 0
     for batch in tqdm(batches, desc=desc, disable=rank != 0, leave=False, mininterval=1.0):
-        for method in methods:
-            method.before_forward(ctx, batch)
+        hooks.before_forward(batch)
         answers = model.generate(batch, max_new_tokens=max_new_tokens, **gen_kwargs)
         for i, pred in enumerate(answers):
             if seen < real:

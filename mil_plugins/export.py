@@ -51,6 +51,11 @@ def export_llava(model, out: Path) -> list[Path]:
 def export_hf(model, out: Path) -> list[Path]:
     from mil_plugins.model.hf_llava import to_hf_llava
 
+    inside = sorted(k for k in getattr(model, "layer_modules", {}) if k.startswith("llm-"))
+    if inside:
+        raise ValueError(f"a method put modules inside the LLM's layers ({inside[0]}, ...); "
+                         f"LlavaForConditionalGeneration has no place for them, so an HF export "
+                         f"would not be exact")
     llava = to_hf_llava(model)
     out.mkdir(parents=True, exist_ok=True)
     llava.save_pretrained(str(out), safe_serialization=True)

@@ -11,9 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from mil_plugins.methods.base import check_method_plugin
-from mil_plugins.modality import check_modality_plugin
 from mil_plugins.registry import Registry
+
+
+def _check_method(name: str, obj: Any) -> None:
+    from mil_plugins.methods.base import check_method_plugin  # torch: only when a plugin loads
+
+    check_method_plugin(name, obj)
+
+
+def _check_modality(name: str, obj: Any) -> None:
+    from mil_plugins.modality import check_modality_plugin  # torch: only when a plugin loads
+
+    check_modality_plugin(name, obj)
 
 
 def _check_projector(name: str, obj: Any) -> None:
@@ -22,9 +32,9 @@ def _check_projector(name: str, obj: Any) -> None:
                         f"(mm_hidden_size, hidden_size, **options) -> nn.Module, got {obj!r}")
 
 
-MODALITIES = Registry("modality", "mil_plugins.modalities", check_modality_plugin)
+MODALITIES = Registry("modality", "mil_plugins.modalities", _check_modality)
 PROJECTORS = Registry("projector", "mil_plugins.projectors", _check_projector)
-METHODS = Registry("method", "mil_plugins.methods", check_method_plugin)
+METHODS = Registry("method", "mil_plugins.methods", _check_method)
 
 REGISTRIES: dict[str, Registry] = {"modality": MODALITIES, "projector": PROJECTORS, "method": METHODS}
 

@@ -175,3 +175,25 @@ def tiny_cfg(tokenizer, mode: str = "shared", lora=None, trainable_vec: bool = F
         "connector": {"mode": mode, **conn},
         "lora": lora,
     }
+
+
+def greedy_recompute(model, batch, steps: int, suppress: list[int]) -> torch.Tensor:
+    """Greedy decoding by full recomputation: the whole sequence through ``model.forward`` (which
+    rebuilds the token-modality map from the ids) at every step; ``[B, steps]`` new ids, padded
+    after EOS like HF ``generate``. ``suppress``: ids never chosen (placeholders)."""
+    tok = model.tokenizer
+    model.eval()  # as generate() runs
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    done = torch.zeros(len(ids), dtype=torch.bool)
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model({**batch, "input_ids": ids, "attention_mask": mask}).logits[:, -1]
+        logits[:, suppress] = float("-inf")
+        nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+        done |= nxt == tok.eos_token_id
+        out.append(nxt)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(out, 1)

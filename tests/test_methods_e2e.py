@@ -64,7 +64,7 @@ def test_every_method_runs_two_stages(method, data_root, tmp_path):
     assert metrics["method"] == method
 
 
-@pytest.mark.parametrize("method", ["replay", "ewc", "lwf", "expansion"])
+@pytest.mark.parametrize("method", ["replay", "ewc", "lwf", "expansion", "pathweave", "routed_experts"])
 def test_resume_from_stage_one_is_bit_identical(method, data_root, tmp_path):
     from safetensors.torch import load_file
 
@@ -85,3 +85,60 @@ def test_resume_from_stage_one_is_bit_identical(method, data_root, tmp_path):
         assert before[key].equal(after[key]), key
     assert (stage2 / "methods.json").read_text() == methods_before
     assert second["accuracy_matrix"] == first["accuracy_matrix"]
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["pathweave", "routed_experts"])
+def test_mid_stage_resume_ends_like_an_uninterrupted_run(method, data_root, tmp_path, monkeypatch):
+    """Killed right after the rolling checkpoint at step 4 of stage 2, resumed: the same end."""
+    from safetensors.torch import load_file
+
+    from mil_plugins.engine import run as run_mod
+
+    more = ["train.max_steps=6", "train.save_every_steps=2", "train.batch_size=8"]
+    full = _run(_args(data_root, tmp_path / "full", method) + more)
+    args = _args(data_root, tmp_path / "killed", method) + more
+    second = yaml.safe_load(RECIPE.read_text())["stages"][1]["name"]
+    save = run_mod.Runner._save
+
+    def save_then_die(self, path, optimizer_state=None):
+        save(self, path, optimizer_state)
+        if self.state["in_stage"] == second and self.state["step"] == 4:
+            raise _Killed
+
+    monkeypatch.setattr(run_mod.Runner, "_save", save_then_die)
+    with pytest.raises(_Killed):
+        _run(args)
+    monkeypatch.setattr(run_mod.Runner, "_save", save)
+    state = json.loads((tmp_path / "killed" / "checkpoints" / "last" / "state.json").read_text())
+    assert (state["in_stage"], state["step"]) == (second, 4)
+    resumed = _run(args + ["--resume"])
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    name = f"stage-02-{second}"
+    a = load_file(str(tmp_path / "full" / "checkpoints" / name / "weights.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "checkpoints" / name / "weights.safetensors"))
+    assert sorted(a) == sorted(b) and any(f"{method}" in k for k in a)
+    for key in a:
+        assert a[key].equal(b[key]), key
+
+
+@pytest.mark.parametrize("method", ["pathweave", "routed_experts"])
+def test_runs_under_the_deepspeed_launcher_on_cpu(method, data_root, tmp_path):
+    """2 processes (gloo, ZeRO-2) through the ``deepspeed`` launcher, against one process."""
+    pytest.importorskip("deepspeed")
+    from test_e2e import deepspeed_cmd, run
+
+    more = ["train.max_steps=4", "train.batch_size=8", "train.deepspeed=recipes/deepspeed/zero2.json"]
+    single = _run(_args(data_root, tmp_path / "single", method) + more[:2])
+    out = tmp_path / "ds"
+    run([*deepspeed_cmd(), *_args(data_root, out, method)[1:], *more], timeout=900)
+    multi = json.loads((out / "metrics.json").read_text())
+    assert multi["world_size"] == 2 and multi["method"] == method
+    for ra, rb in zip(single["accuracy_matrix"], multi["accuracy_matrix"]):
+        for x, y in zip(ra, rb):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert abs(x - y) <= 15.0, (single["accuracy_matrix"], multi["accuracy_matrix"])

@@ -84,7 +84,8 @@ class Harness:
                              config={"trainable": None}) for i, m in enumerate(stages)]
         self.ctx = MethodContext(model=self.model, recipe={"train": {"trainable": list(trainable)}},
                                  stages=self.stages, dist=Dist(), output_dir=Path("."), seed=0,
-                                 make_loader=self.make_loader)
+                                 make_loader=self.make_loader,
+                                 resolve_groups=lambda groups, m: group_names(self.model, groups, m))
         self.methods = list(methods)
         self.ever_trained: set[str] = set()
         self.last_samples: list = []
@@ -693,6 +694,7 @@ def test_joint_and_replay_train_the_parts_of_every_modality_they_mix_in():
               SimpleNamespace(index=1, name="audio", modality="audio", config={"trainable": None},
                               train_samples=[sample("audio", i) for i in range(10)])]
     ctx = SimpleNamespace(model=model, stages=stages, recipe={"train": {"trainable": ["connector"]}},
+                          resolve_groups=lambda groups, m: group_names(model, groups, m),
                           seed=0, stage=stages[1],
                           generator=lambda *salt: torch.Generator().manual_seed(0))
     own = group_names(model, ["connector"], "audio")

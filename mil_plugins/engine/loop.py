@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mil_plugins.engine.optim import make_scheduler, param_groups
+from mil_plugins.methods.dispatch import MethodHooks
 
 
 @dataclass
@@ -171,6 +172,7 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
     backend) or from DeepSpeed's own checkpoint ``deepspeed_resume = (directory, tag)``.
     """
     model = ctx.model
+    hooks = MethodHooks.of(methods, ctx)
     accum, world = train_cfg["grad_accum"], dist.world_size
     global_batch = train_cfg["batch_size"]
     n = len(plan.samples)
@@ -180,6 +182,7 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
     total = plan.max_steps or max(1, math.ceil(plan.epochs * steps_per_epoch))
 
     groups = param_groups(model, plan.lr, train_cfg["weight_decay"], plan.mm_projector_lr)
+    groups = hooks.param_groups(model, groups, plan.lr, train_cfg["weight_decay"])
     if not groups:
         raise ValueError(f"stage {plan.key!r}: nothing is trainable (check train.trainable and "
                          f"the methods' trainable hooks)")
@@ -215,23 +218,19 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
             # HF divides the summed loss by num_items_in_batch: the global count / (world x accum)
             per_micro = max(targets, 1) / (world * accum)
             for batch in micro_batches:
-                for method in methods:
-                    method.before_forward(ctx, batch)
+                hooks.before_forward(batch)
                 outputs = backend.forward(batch, num_items_in_batch=per_micro)
                 loss = outputs.loss
-                for method in methods:
-                    for name, value in (method.loss_terms(ctx, batch, outputs) or {}).items():
-                        loss = loss + value
-                        terms_sum[f"{method.name}/{name}"] = (terms_sum.get(f"{method.name}/{name}", 0.0)
-                                                              + float(value.detach()) / accum)
+                for name, value in hooks.loss_terms(batch, outputs).items():
+                    loss = loss + value
+                    terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach()) / accum
                 backend.backward(loss)
                 backend.step()
                 loss_sum += float(outputs.loss.detach()) / (world * accum)
             loss_sum = dist.all_reduce_sum(loss_sum)  # the global batch's token-mean loss
             step += 1
             last_loss = loss_sum
-            for method in methods:
-                method.after_step(ctx, ctx.stage, step)
+            hooks.after_step(ctx.stage, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
             if step % train_cfg["log_every_steps"] == 0 or step == total:

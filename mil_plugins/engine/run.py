@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from mil_plugins.engine import checkpoint as ckpt
-from mil_plugins.engine.context import Stage, lazy_frozen_copy
 from mil_plugins.engine.distributed import fill_deepspeed_config, init_distributed
 from mil_plugins.engine.logs import JsonlLogger
 from mil_plugins.engine.loop import StagePlan, train_stage
 from mil_plugins.engine.session import Session
 from mil_plugins.engine.trainable import apply_trainable, group_names
 from mil_plugins.evaluate import predict, score_predictions
+from mil_plugins.methods.context import Stage, lazy_frozen_copy
 from mil_plugins.recipe import load_recipe
 
 
@@ -41,6 +41,7 @@ class Runner:
         self._prepare_data()
         self.session = Session(recipe, self.dist)
         self.ctx, self.methods, self.model = self.session.ctx, self.session.methods, self.session.model
+        self.hooks = self.session.hooks
         self.logger = JsonlLogger(self.out, self.dist.is_main, recipe["output"]["tensorboard"])
         stages = recipe["stages"]
         self.state: dict[str, Any] = {
@@ -133,7 +134,7 @@ class Runner:
                 self._save(self.ckpt_root / "last", {"optimizer": optimizer.state_dict(),
                                                      "scheduler": scheduler.state_dict()})
 
-        result = train_stage(ctx=self.ctx, plan=plan, methods=self.methods, dataset=dataset,
+        result = train_stage(ctx=self.ctx, plan=plan, methods=self.hooks, dataset=dataset,
                              collate=collate, train_cfg=self.recipe["train"], dist=self.dist,
                              ds_config=self._ds_config(), logger=self.logger, start_step=start,
                              optimizer_state=opt_state,
@@ -160,7 +161,7 @@ class Runner:
     def _evaluate(self, stage: Stage) -> dict:
         ev = self.recipe["eval"]
         rows = predict(self.model, stage.test_samples, self.session.make_loader,
-                       methods=self.methods, ctx=self.ctx, dist=self.dist,
+                       methods=self.hooks, ctx=self.ctx, dist=self.dist,
                        batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"],
                        desc=f"eval {stage.name}")
         return score_predictions(rows)
@@ -185,23 +186,18 @@ class Runner:
             cfg = stage.config
             self.ctx.stage = stage
             self.session.fit_standardizer(stage)  # before the teacher copy: both see it
-            for method in self.methods:
-                method.before_stage(self.ctx, stage)
+            self.hooks.before_stage(stage)
             # after before_stage, so modules a method just added (zero-initialised) exist in it too
             self.ctx._teacher = lazy_frozen_copy(self.model)
-            samples = list(stage.train_samples)
-            for method in self.methods:
-                samples = method.train_samples(self.ctx, stage, samples)
+            samples = self.hooks.train_samples(stage, list(stage.train_samples))
             names = group_names(self.model, cfg["trainable"] or train["trainable"], stage.modality)
-            for method in self.methods:
-                names = set(method.trainable(self.ctx, stage, set(names)))
+            names = self.hooks.trainable(stage, set(names))
             plan = StagePlan(stage.name, stage.index, samples,
                              cfg["epochs"] if cfg["epochs"] is not None else train["epochs"],
                              cfg["max_steps"] if cfg["max_steps"] is not None else train["max_steps"],
                              _stage_lr(cfg, train, "lr"), _stage_lr(cfg, train, "mm_projector_lr"))
             result = self._train(plan, names, stage)
-            for method in self.methods:
-                method.after_stage(self.ctx, stage)
+            self.hooks.after_stage(stage)
             self.ctx._teacher = None
             self.ctx.seen = stages[: stage.index + 1]
             i = stage.index

@@ -3,6 +3,7 @@ and a stage checkpoint rebuilt for ``mil eval`` / ``mil export`` (:class:`EvalSe
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,10 @@ import numpy as np
 import torch
 
 from mil_plugins.engine import checkpoint as ckpt
-from mil_plugins.engine.context import MethodContext, Stage
 from mil_plugins.engine.distributed import Dist
+from mil_plugins.engine.trainable import group_names
+from mil_plugins.methods.context import MethodContext, Stage
+from mil_plugins.methods.dispatch import MethodHooks
 
 
 def seed_everything(seed: int) -> None:
@@ -49,12 +52,14 @@ class Session:
         # the model's plugin objects preprocess the data (an adopted tower brings its own image one)
         self.plugins = dict(self.model.plugins)
         self.base_names = {n for n, _ in self.model.named_parameters()}
+        self.base_buffers = {n for n, _ in self.model.named_buffers()}
         self.methods = [METHODS.get(m["name"])(**m["options"]) for m in recipe["methods"]]
         self.ctx = MethodContext(model=self.model, recipe=recipe, stages=self.stages, dist=dist,
-                                 output_dir=self.out, seed=self.seed, make_loader=self.make_loader)
+                                 output_dir=self.out, seed=self.seed, make_loader=self.make_loader,
+                                 resolve_groups=functools.partial(group_names, self.model))
+        self.hooks = MethodHooks(self.methods, self.ctx)
         seed_everything(self.seed + 1)
-        for method in self.methods:
-            method.setup(self.ctx)
+        self.hooks.setup()
         self.model.to(dist.device)
         self._features: dict[tuple[str, str], torch.Tensor] = {}
         self._cache = None
@@ -176,15 +181,23 @@ class Session:
     # ---- state --------------------------------------------------------------------------------
     def trained_weights(self, ever_trained: set[str]) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold: every parameter trained so far, and every parameter or
-        buffer that methods added to the model."""
+        persistent buffer that methods added to the model."""
         out = {}
         for name, param in self.model.named_parameters():
             if name in ever_trained or name not in self.base_names:
                 out[name] = param
+        for name, buf in self._method_buffers().items():
+            out[name] = buf
         for name, buf in self.model.named_buffers():  # fitted from data, not trained
             if ".standardizers." in name:
                 out[name] = buf
         return out
+
+    def _method_buffers(self) -> dict[str, torch.Tensor]:
+        """Persistent buffers that methods added (``state_dict`` keys the base model lacks)."""
+        state = self.model.state_dict(keep_vars=True)
+        return {n: b for n, b in self.model.named_buffers()
+                if n not in self.base_buffers and n in state}
 
     @torch.no_grad()
     def fit_standardizer(self, stage: Stage) -> None:
@@ -202,14 +215,13 @@ class Session:
             conn.fit_standardizer(m, torch.cat(feats, 0))
 
     def method_states(self) -> dict[str, Any]:
-        return {m.name: m.state_dict() for m in self.methods}
+        return self.hooks.state_dict()
 
     def restore(self, loaded: dict) -> None:
         """Methods first (they may re-create modules they added), then the weights on top."""
-        for method in self.methods:
-            method.load_state_dict(loaded["methods"].get(method.name, {}))
+        self.hooks.load_state_dict(loaded["methods"])
         self.model.to(self.dist.device)
-        params = dict(self.model.named_parameters())
+        params = {**dict(self.model.named_parameters()), **self._method_buffers()}
         params.update((k, b) for k, b in self.model.named_buffers() if ".standardizers." in k)
         missing = [k for k in loaded["weights"] if k not in params]
         if missing:

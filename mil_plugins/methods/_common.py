@@ -47,11 +47,12 @@ def modality_parameters(ctx, stage, samples) -> set[str]:
     samples into the stage (joint, replay) adds those modalities' parts with this, so their
     samples train the same kind of parameters the recipe chose.
     """
-    from mil_plugins.engine.trainable import group_names
-
+    if ctx.resolve_groups is None:
+        raise RuntimeError("ctx.resolve_groups is not set (the engine sets it when it builds the "
+                           "method context)")
     groups = stage.config.get("trainable") or ctx.recipe["train"]["trainable"]
     modalities = {m for s in samples for m in s.media}
     names: set[str] = set()
     for modality in sorted(modalities):
-        names |= group_names(ctx.model, groups, modality)
+        names |= ctx.resolve_groups(groups, modality)
     return names

@@ -2,10 +2,13 @@
 
 A method is a :class:`Method` subclass published in the ``mil_plugins.methods`` entry-point group.
 Every hook has a no-op default; the engine calls the hooks of every method in the recipe, in order.
-Hooks *return* what they change (sample lists, trainable-name sets, loss terms); the only thing a
-method mutates is the model it was handed in :meth:`setup` (to add adapters, gates, LoRA experts)
-and its own state. Misspelled hooks are caught when the class is registered (see
-:func:`check_method_plugin`).
+Hooks *return* what they change (sample lists, trainable-name sets, loss terms, optimiser groups);
+the only thing a method mutates is the model it was handed in :meth:`setup` (to add adapters,
+gates, experts: as submodules, or beside the LLM's / connector's linear layers through
+``ctx.model.wrap_linears``) and its own state. Parameters and persistent buffers a method adds to
+the model are checkpointed with it. The engine calls the hooks through one
+:class:`~mil_plugins.methods.dispatch.MethodHooks`. Misspelled hooks are caught when the class is
+registered (see :func:`check_method_plugin`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from mil_plugins.registry import merge_options
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mil_plugins.engine.context import MethodContext, Stage
+    from mil_plugins.methods.context import MethodContext, Stage
 
 
 HOOKS = (
@@ -28,6 +31,7 @@ HOOKS = (
     "trainable",        # (ctx, stage, names) -> set of parameter names to train this stage
     "before_forward",   # (ctx, batch) before every forward, training and evaluation (routing)
     "loss_terms",       # (ctx, batch, outputs) -> {name: scalar tensor} added to the LM loss
+    "param_groups",     # (ctx, stage) -> [{"names", "lr" | "lr_scale", "weight_decay"}] own optimiser groups
     "after_step",       # (ctx, stage, step) after each optimiser step
     "after_stage",      # (ctx, stage) after a stage's training, before its checkpoint
     "state_dict",       # () -> dict saved with every checkpoint
@@ -66,6 +70,12 @@ class Method:
 
     def loss_terms(self, ctx: "MethodContext", batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
         return {}
+
+    def param_groups(self, ctx: "MethodContext", stage: "Stage") -> list[dict[str, Any]]:
+        """Optimiser groups of this method's own: ``[{"names": [param names], "lr": float}]``
+        (or ``"lr_scale"``: a factor on the stage's lr; optional ``"weight_decay"``). Only the
+        trainable ones are used; the rest stay in the engine's groups."""
+        return []
 
     def after_step(self, ctx: "MethodContext", stage: "Stage", step: int) -> None:
         return None

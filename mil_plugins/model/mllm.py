@@ -27,6 +27,7 @@ from torch import nn
 
 from mil_plugins.modality import ModalityEncoder, ModalityPlugin
 from mil_plugins.model.connector import Connector
+from mil_plugins.model.layer_modules import TEXT, TokenModality, decoder_of, wrap_linears
 from mil_plugins.model.splice import PlaceholderMismatchError, placeholder_mask, splice_features
 
 MEDIA_KINDS = ("input", "features")
@@ -67,6 +68,10 @@ class MultimodalLM(nn.Module):
         self.num_tokens: dict[str, int] = {}   # placeholder copies = tokens the connector makes
         self.enc_tokens: dict[str, int] = {}   # tokens the encoder makes
         self.build_info: dict[str, Any] = {}
+        # methods' modules inside linear layers (see mil_plugins.model.layer_modules)
+        self.layer_modules = nn.ModuleDict()
+        self.token_modality = TokenModality()
+        self._routing_hooks: set[str] = set()
         for plugin in plugins or []:
             self.add_modality(plugin)
 
@@ -127,6 +132,7 @@ class MultimodalLM(nn.Module):
         self.placeholder_ids[name] = token_id
         self.enc_tokens[name] = ntok
         self.num_tokens[name] = self.connector.output_tokens(name, ntok)
+        self.token_modality.names.append(name)
 
     def _ensure_special_token(self, token: str) -> int:
         tok = self.tokenizer
@@ -147,6 +153,42 @@ class MultimodalLM(nn.Module):
         """``{placeholder: (token_id, num_tokens)}`` -- what the data pipeline needs."""
         return {self.plugins[m].placeholder: (self.placeholder_ids[m], self.num_tokens[m])
                 for m in self.plugins}
+
+    def wrap_linears(self, owner: str, targets, make, scope: str = "llm") -> dict[str, nn.Module]:
+        """Put ``make(name, linear)`` (a module of method ``owner``) beside every targeted linear
+        layer of the LLM (``scope="llm"``; ``targets`` as PEFT's ``target_modules``: a list of
+        names such as ``["q_proj", "v_proj"]`` or a regex) or of the shared connector
+        (``scope="connector"``). Each module is called as ``module(x, y, route)`` with the layer's
+        input, its output so far and the tokens' :class:`~mil_plugins.model.layer_modules.Route`,
+        and returns the new output. Returns ``{layer name: module}``; the modules are registered
+        under ``layer_modules`` (so checkpoints save them).
+        """
+        if scope == "llm":
+            root = self.base_llm()
+            if "llm" not in self._routing_hooks:
+                decoder_of(root).register_forward_pre_hook(self.token_modality.on_decoder_call,
+                                                           with_kwargs=True)
+                self._routing_hooks.add("llm")
+        elif scope == "connector":
+            if self.connector.shared is None:
+                raise ValueError(f"{owner}: scope 'connector' needs a shared connector "
+                                 f"(model.connector.mode: shared)")
+            root = self.connector.shared
+            if "connector" not in self._routing_hooks:
+                self.connector.register_forward_pre_hook(self.token_modality.on_connector_call)
+                self._routing_hooks.add("connector")
+        else:
+            raise ValueError(f"scope must be 'llm' or 'connector', got {scope!r}")
+        return wrap_linears(self.layer_modules, self.token_modality, scope, root, owner,
+                            targets, make)
+
+    def token_modality_map(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` long: 0 for text tokens, ``1 + i`` for placeholder tokens of
+        ``modalities[i]`` (the positions its features are spliced into)."""
+        ids = torch.full_like(input_ids, TEXT, dtype=torch.long)
+        for i, m in enumerate(self.modalities):
+            ids = ids.masked_fill(input_ids == self.placeholder_ids[m], i + 1)
+        return ids
 
     def is_trainable_encoder(self, modality: str) -> bool:
         return bool(self.plugins[modality].options.get("trainable", False))
@@ -261,8 +303,12 @@ class MultimodalLM(nn.Module):
                 labels = labels.masked_fill(ids == pid, -100)
         llm_kwargs.setdefault("use_cache", False)
         llm_kwargs.setdefault("position_ids", self.position_ids(mask))
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels,
-                        return_dict=True, **llm_kwargs)
+        self.token_modality.prompt = self.token_modality_map(batch["input_ids"].to(embeds.device))
+        try:
+            return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels,
+                            return_dict=True, **llm_kwargs)
+        finally:
+            self.token_modality.prompt = self.token_modality.llm = None
 
     @torch.no_grad()
     def generate(self, batch: Mapping[str, Any], max_new_tokens: int = 16,
@@ -273,6 +319,14 @@ class MultimodalLM(nn.Module):
         left-padded; right-padded rows are moved to the left here. ``gen_kwargs`` go to the
         LLM's ``generate`` (e.g. ``do_sample=True, temperature=0.7``).
         """
+        seqs = self.generate_ids(batch, max_new_tokens=max_new_tokens, **gen_kwargs)
+        texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    @torch.no_grad()
+    def generate_ids(self, batch: Mapping[str, Any], max_new_tokens: int = 16,
+                     **gen_kwargs: Any) -> torch.Tensor:
+        """:meth:`generate` before decoding: the new token ids ``[B, <= max_new_tokens]``."""
         was_training = self.training
         self.eval()
         try:
@@ -280,7 +334,9 @@ class MultimodalLM(nn.Module):
             mask = batch.get("attention_mask")
             if mask is None:
                 mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            embeds, mask = _left_align(embeds, mask.to(embeds.device))
+            tmap = self.token_modality_map(batch["input_ids"].to(embeds.device))
+            embeds, mask, tmap = _left_align(embeds, mask.to(embeds.device), tmap)
+            self.token_modality.prompt = tmap  # generated tokens are text (see layer_modules)
             tok = self.tokenizer
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             gen_kwargs.setdefault("do_sample", False)
@@ -295,22 +351,24 @@ class MultimodalLM(nn.Module):
             out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask,
                                     max_new_tokens=max_new_tokens, **gen_kwargs)
         finally:
+            self.token_modality.prompt = self.token_modality.llm = None
             self.train(was_training)
         seqs = out.sequences if hasattr(out, "sequences") else out
         if seqs.shape[1] > max_new_tokens:  # some versions prepend the prompt ids
             seqs = seqs[:, -max_new_tokens:]
-        texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return seqs
 
 
-def _left_align(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_align(embeds: torch.Tensor, mask: torch.Tensor, tmap: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Move every row's padding to the left (no-op for left-padded batches)."""
     if mask.shape[1] == 0 or bool(mask[:, -1].all()):
-        return embeds, mask
+        return embeds, mask, tmap
     L = mask.shape[1]
     # stable sort: padding (0) first, real tokens (1) after, each in original order
     order = torch.sort(mask.long(), dim=1, stable=True).indices
     embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
     mask = torch.gather(mask, 1, order)
+    tmap = torch.gather(tmap, 1, order)
     assert mask.shape[1] == L
-    return embeds, mask
+    return embeds, mask, tmap
