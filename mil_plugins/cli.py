@@ -61,6 +61,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     argv = [args.recipe, *args.overrides]
     if args.resume:
         argv.append("--resume")
+    if args.overwrite:
+        argv.append("--overwrite")
+    for key in args.allow_change:
+        argv += ["--allow-change", key]
     return train_main(argv)
 
 
@@ -108,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output.dir holding another run's results (deletes them)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="with --resume: a recipe key allowed to differ (e.g. train.log_every_steps)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a checkpoint on one or more manifests")
@@ -128,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: errors whose message says what is wrong (bad recipe, data, plugin, checkpoint): shown without
 #: a traceback unless MIL_DEBUG=1
-USER_ERRORS = (ValueError, TypeError, LookupError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ValueError, TypeError, LookupError, OSError)
 
 
 def run_friendly(func, *args) -> int:
