@@ -173,8 +173,10 @@ def installed_plugins() -> tuple[dict[str, Any], dict[str, str]]:
     for name in MODALITIES.names():
         try:
             plugins[name] = MODALITIES.get(name)()
-        except Exception as exc:
-            failed[name] = str(exc)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a plugin's constructor may even call sys.exit
+            failed[name] = f"{type(exc).__name__}: {exc}"
     return plugins, failed
 
 
