@@ -155,9 +155,14 @@ def check_manifest(manifest: str | Path, root: str | Path | None = None,
             known.extend(str(p) for p in paths)
     files = {m: list(dict.fromkeys(ps)) for m, ps in files.items()}
     results = check_media(files, plugins, workers)
+    from mil_plugins.scoring import METRICS
+
     for sample in data.samples:
         problems = [(str(p), results[(m, str(p))]) for m, paths in sample.media.items()
                     for p in paths if results.get((m, str(p)))]
+        if sample.metric is not None and sample.metric not in METRICS:
+            problems.append((None, f"unknown metric {sample.metric!r}; valid metrics: "
+                                   f"{', '.join(METRICS)}"))
         if problems:
             bad.append(BadSample(sample.id, sample.index, problems))
     bad.sort(key=lambda b: b.index)
