@@ -139,10 +139,12 @@ def check_media(files: Mapping[str, list[str]], plugins: Mapping[str, Any], work
 
 
 def check_manifest(manifest: str | Path, root: str | Path | None = None,
-                   plugins: Mapping[str, Any] | None = None, workers: int = 2) -> CheckReport:
+                   plugins: Mapping[str, Any] | None = None, workers: int = 2,
+                   decode: bool = True) -> CheckReport:
     """Every structural problem and every unreadable media file of ``manifest``.
 
-    ``plugins``: modality name -> plugin instance (or class, default options). A manifest that
+    ``plugins``: modality name -> plugin instance (or class, default options); ``decode=False``
+    skips the media pass (structure and metrics only). A manifest that
     cannot be read as a whole (not UTF-8, invalid JSON) raises :class:`DataError`.
     """
     plugins = dict(plugins or {})
@@ -154,7 +156,7 @@ def check_manifest(manifest: str | Path, root: str | Path | None = None,
             known = files.setdefault(modality, [])
             known.extend(str(p) for p in paths)
     files = {m: list(dict.fromkeys(ps)) for m, ps in files.items()}
-    results = check_media(files, plugins, workers)
+    results = check_media(files, plugins, workers) if decode else {}
     from mil_plugins.scoring import METRICS
 
     for sample in data.samples:

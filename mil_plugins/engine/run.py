@@ -20,6 +20,7 @@ from mil_plugins.engine.context import Stage, lazy_frozen_copy
 from mil_plugins.engine.distributed import fill_deepspeed_config, init_distributed
 from mil_plugins.engine.logs import JsonlLogger
 from mil_plugins.engine.loop import StagePlan, train_stage
+from mil_plugins.engine.preflight import preflight
 from mil_plugins.engine.resume import check_resume, data_fingerprint
 from mil_plugins.engine.rundir import RunFolder
 from mil_plugins.engine.session import Session
@@ -57,6 +58,9 @@ class Runner:
         recipe = self.recipe
         self.dist.barrier()
         self._prepare_data()
+        if self.dist.is_main:
+            preflight(recipe)  # data.preflight: full | manifests | off
+        self.dist.barrier()
         self.data_fingerprint = data_fingerprint(recipe)
         loaded = self._read_resume_checkpoint(allow_changes) if resume else None
         self.session = Session(recipe, self.dist,

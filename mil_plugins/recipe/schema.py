@@ -82,6 +82,8 @@ DATA = {
     "on_error": (str, "raise"),              # raise | skip (skipped samples are counted)
     "max_train_samples": (Optional(int), None),
     "max_test_samples": (Optional(int), None),
+    "preflight": (str, "full"),              # before stage 1: full (every media file decoded) |
+                                             # manifests (structure and metrics only) | off
 }
 
 STAGE = {
@@ -162,6 +164,7 @@ CHOICES = {
     ("model", "connector", "mode"): ("shared", "per_modality"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("data", "on_error"): ("raise", "skip"),
+    ("data", "preflight"): ("full", "manifests", "off"),
     ("data", "generate", "size"): ("tiny", "small", "full"),
     ("train", "scheduler"): ("cosine", "linear", "constant"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
