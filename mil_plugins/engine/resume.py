@@ -28,11 +28,12 @@ SAFE_CHANGES = (
     "output.tensorboard",
     "output.keep_stage_checkpoints",
     "eval.batch_size",
-    "output.dir",          # the run folder moved
     "data.root",           # the folder moved: the manifests' checksums still have to match
     "data.generate",
 )
-IGNORED = ("_source",)
+#: not compared: where the recipe file was, and where the run folder is (the checkpoint is read
+#: from the folder given now, so a moved folder resumes)
+IGNORED = ("_source", "output.dir")
 
 
 class ResumeError(ValueError):
@@ -80,11 +81,13 @@ def recipe_changes(old: dict, new: dict) -> list[tuple[str, str]]:
     """``(key, "old -> new")`` for every differing leaf of two resolved recipes."""
     a: dict[str, Any] = {}
     b: dict[str, Any] = {}
-    _flatten({k: v for k, v in old.items() if k not in IGNORED}, "", a)
-    _flatten({k: v for k, v in new.items() if k not in IGNORED}, "", b)
+    _flatten(old, "", a)
+    _flatten(new, "", b)
     missing = object()
     changes = []
     for key in list(dict.fromkeys([*a, *b])):
+        if key in IGNORED:
+            continue
         va, vb = a.get(key, missing), b.get(key, missing)
         if va != vb:
             shown_a = "(absent)" if va is missing else _short(va)
