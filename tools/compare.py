@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rerun or not done:
             print(f"[compare] running {recipe_path}", flush=True)
             subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), recipe_path,
-                            *args.override], check=True, cwd=ROOT)
+                            *args.override, "--overwrite"], check=True, cwd=ROOT)
         outputs.append(out)
     table = compare_runs(outputs)
     command = "python tools/compare.py " + " ".join(args.recipes + [f"--override {o}" for o in args.override])
