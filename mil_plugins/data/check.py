@@ -28,6 +28,8 @@ class BadSample:
     id: str | None
     index: int
     problems: list[tuple[str | None, str]]   # (file or None, reason)
+    structural: bool = False                  # found reading the manifest (training skips it with
+                                              # on_error: skip); else a media file or the metric
 
     @property
     def file(self) -> str | None:
@@ -149,7 +151,8 @@ def check_manifest(manifest: str | Path, root: str | Path | None = None,
     """
     plugins = dict(plugins or {})
     data = load_manifest(manifest, root, plugins, on_error="skip")
-    bad = [BadSample(s.id, s.index, list(s.problems) or [(s.file, s.reason)]) for s in data.skipped]
+    bad = [BadSample(s.id, s.index, list(s.problems) or [(s.file, s.reason)], structural=True)
+           for s in data.skipped]
     files: dict[str, list[str]] = {}
     for sample in data.samples:
         for modality, paths in sample.media.items():

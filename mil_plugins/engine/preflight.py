@@ -60,7 +60,7 @@ def _blocking(report: CheckReport, on_error: str):
     """The bad samples that would stop training."""
     if on_error == "raise":
         return report.bad
-    return [b for b in report.bad if any(f is not None or "metric" in r for f, r in b.problems)]
+    return [b for b in report.bad if not b.structural]
 
 
 def preflight(recipe: dict, workers: int | None = None) -> list[CheckReport]:

@@ -31,9 +31,9 @@ SAFE_CHANGES = (
     "data.root",           # the folder moved: the manifests' checksums still have to match
     "data.generate",
 )
-#: not compared: where the recipe file was, and where the run folder is (the checkpoint is read
-#: from the folder given now, so a moved folder resumes)
-IGNORED = ("_source", "output.dir")
+#: not compared: where the recipe file was, where the run folder is (the checkpoint is read from
+#: the folder given now, so a moved folder resumes), and whether the data is checked before training
+IGNORED = ("_source", "output.dir", "data.preflight")
 
 
 class ResumeError(ValueError):
