@@ -535,3 +535,28 @@ def test_mil_plugins_and_check_data_survive_a_plugin_calling_sys_exit(monkeypatc
     assert cli.main(["check-data", str(root / "m.json"), "--root", str(root), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "'exiter' is not available" in out and "1 samples, 0 bad" in out
+
+
+# ---- run folders ----------------------------------------------------------------------------------
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    from mil_plugins.engine.rundir import RunFolder, RunFolderError
+
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(RunFolderError) as err:
+        RunFolder(tmp_path / "out").acquire()
+    assert "is a file" in one_line(err.value)
+    assert (tmp_path / "out").read_text() == "x"
+
+
+def test_check_data_without_root_says_where_paths_were_resolved(tmp_path, capsys):
+    from mil_plugins.data.check import run_check_data
+
+    root = tmp_path / "data"
+    _png(root / "image" / "files" / "a.png")
+    (root / "image" / "train.json").write_text(json.dumps(
+        [{"id": "s", "image": "image/files/a.png", "conversations": _conv()}]))
+    assert run_check_data(root / "image" / "train.json", None, workers=1) == 1
+    out = capsys.readouterr().out
+    assert "media file missing" in out and "--root" in out and "check-data RECIPE" in out
+    assert run_check_data(root / "image" / "train.json", root, workers=1) == 0

@@ -205,4 +205,9 @@ def run_check_data(manifest: str | Path, root: str | Path | None = None, workers
         print(f"error: {exc}", file=out)
         return 1
     print(report.format(), file=out)
+    if root is None and report.bad and all("media file missing" in b.reason for b in report.bad):
+        print(f"note: media paths were resolved from the manifest's folder "
+              f"{Path(manifest).absolute().parent}; training resolves them from the recipe's "
+              f"data.root: give --root DATA_ROOT, or check what a run reads with "
+              f"`mil check-data RECIPE`", file=out)
     return 0 if report.ok else 1
