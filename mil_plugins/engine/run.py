@@ -58,11 +58,11 @@ class Runner:
         recipe = self.recipe
         self.dist.barrier()
         self._prepare_data()
+        self.data_fingerprint = data_fingerprint(recipe)
+        loaded = self._read_resume_checkpoint(allow_changes) if resume else None
         if self.dist.is_main:
             preflight(recipe)  # data.preflight: full | manifests | off
         self.dist.barrier()
-        self.data_fingerprint = data_fingerprint(recipe)
-        loaded = self._read_resume_checkpoint(allow_changes) if resume else None
         self.session = Session(recipe, self.dist,
                                tokenizer_dir=loaded["tokenizer_dir"] if loaded else None)
         self.ctx, self.methods, self.model = self.session.ctx, self.session.methods, self.session.model
