@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from encoders._input_checks import nonfinite_pixels_problem
 from mil_plugins.modality import ModalityInputError
 
 # OpenAI CLIP's normalisation (LLaVA's image processor); SigLIP checkpoints use 0.5 / 0.5.
@@ -53,8 +54,9 @@ def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
-def open_image(path: str | Path, modality: str, what: str = "image"):
-    """Open and fully decode an image with Pillow, or raise :class:`ModalityInputError`."""
+def open_image(path: str | Path, modality: str, what: str = "image", allow_nonfinite: bool = False):
+    """Open and fully decode an image with Pillow, or raise :class:`ModalityInputError`
+    (also for NaN / infinite pixels of a float image, unless ``allow_nonfinite``)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = check_file(path, modality)
@@ -73,6 +75,9 @@ def open_image(path: str | Path, modality: str, what: str = "image"):
     except Exception as exc:
         raise ModalityInputError(
             path, f"corrupt or truncated {what} data ({describe_exc(exc)})", modality) from None
+    problem = None if allow_nonfinite else nonfinite_pixels_problem(img)
+    if problem:
+        raise ModalityInputError(path, problem, modality)
     return img
 
 

@@ -168,7 +168,7 @@ class DepthPlugin(ModalityPlugin):
     def _load_image(self, p: Path) -> np.ndarray:
         from encoders._common import open_image
 
-        img = open_image(p, self.name, "depth image")
+        img = open_image(p, self.name, "depth image", allow_nonfinite=True)  # NaN = no depth
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "L"):
             scale = np.float32(1.0 / float(self.options["png_scale"]))
             return np.asarray(img, dtype=np.float32) * scale

@@ -46,6 +46,7 @@ from torch import nn
 
 from encoders._common import (check_file, check_positive_int, describe_exc, finish_encoder,
                               require, seeded, check_choice)
+from encoders._input_checks import ascii_ply_vertex_problem, same_place_problem
 from encoders._vit import Transformer, init_weights
 from mil_plugins.modality import ModalityEncoder, ModalityInputError, ModalityPlugin
 
@@ -94,6 +95,9 @@ def ply_problem(path: Path) -> str | None:
         if lines < needed:
             return (f"truncated PLY: the header declares {vertex[1]} vertices but the file holds "
                     f"only {lines} data lines")
+        props = vertex[2]
+        return ascii_ply_vertex_problem(path, body_start, needed - vertex[1], vertex[1],
+                                        None if any(p is None for p in props) else len(props))
     elif fmt in ("binary_little_endian", "binary_big_endian"):
         needed = 0
         for name, count, props in elements:
@@ -380,11 +384,11 @@ class PointCloudPlugin(ModalityPlugin):
                 raise ModalityInputError(path, f"a single point left after voxel down-sampling "
                                                f"(voxel_size {o['voxel_size']} is too large)",
                                          self.name)
+        problem = same_place_problem(xyz)
+        if problem:
+            raise ModalityInputError(path, problem, self.name)
         xyz = xyz - xyz.mean(0)
         scale = float(np.sqrt((xyz ** 2).sum(1)).max())
-        if scale <= 0:
-            raise ModalityInputError(path, f"all {len(xyz)} points are at the same place",
-                                     self.name)
         xyz = xyz / scale
         order = sample_indices(xyz, o["num_points"])
         out = xyz[order]

@@ -51,6 +51,16 @@ def cmd_make_benchmark(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from mil_plugins.data.check import run_check_data
 
+    if Path(args.manifest).suffix.lower() in (".yaml", ".yml"):
+        from mil_plugins.engine.preflight import run_check_recipe
+
+        if args.root:
+            raise ValueError("check-data RECIPE reads data.root from the recipe; override it "
+                             "with data.root=DIR instead of --root")
+        return run_check_recipe(args.manifest, args.overrides, workers=args.workers)
+    if args.overrides:
+        raise ValueError(f"key=value overrides ({args.overrides[0]}) apply to a recipe; "
+                         f"{args.manifest} is a manifest")
     return run_check_data(Path(args.manifest), Path(args.root) if args.root else None,
                           workers=args.workers)
 
@@ -61,6 +71,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     argv = [args.recipe, *args.overrides]
     if args.resume:
         argv.append("--resume")
+    if args.overwrite:
+        argv.append("--overwrite")
+    for key in args.allow_change:
+        argv += ["--allow-change", key]
     return train_main(argv)
 
 
@@ -99,8 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_make_benchmark)
 
-    p = sub.add_parser("check-data", help="run every sample of a manifest through its preprocessors")
-    p.add_argument("manifest")
+    p = sub.add_parser("check-data", help="run every sample of a manifest, or of every manifest "
+                                          "a recipe reads, through its preprocessors")
+    p.add_argument("manifest", help="a manifest (JSON / JSONL), or a recipe (.yaml): then exactly "
+                                    "what the run reads, with its data.root and modality options")
+    p.add_argument("overrides", nargs="*", help="with a recipe: key=value overrides")
     p.add_argument("--root", help="data root the media paths are relative to (default: the "
                                   "manifest's folder)")
     p.add_argument("--workers", type=int, default=2)
@@ -110,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output.dir holding another run's results (deletes them)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="with --resume: a recipe key allowed to differ (e.g. train.log_every_steps)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a checkpoint on one or more manifests")
@@ -132,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: errors whose message says what is wrong (bad recipe, data, plugin, checkpoint): shown without
 #: a traceback unless MIL_DEBUG=1
-USER_ERRORS = (ValueError, TypeError, LookupError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ValueError, TypeError, LookupError, OSError)
 
 
 def run_friendly(func, *args) -> int:

@@ -4,7 +4,8 @@ Plugins come from Python entry points (``mil_plugins.<kind>s`` groups) -- our ow
 declared the same way in ``pyproject.toml`` -- or from :meth:`Registry.register` (tests, notebooks).
 Discovery imports nothing; a plugin is imported the first time it is asked for. A plugin that fails
 to import, has the wrong type, or reuses a name already taken is recorded as *failed* with its
-distribution, version, entry point and cause: the others keep working, and asking for the broken
+distribution, version, entry point and cause (any exception, ``SystemExit`` included: only
+``KeyboardInterrupt`` passes): the others keep working, and asking for the broken
 one by name raises :class:`PluginError` saying all of that.
 """
 
@@ -173,8 +174,12 @@ class Registry:
             return
         try:
             obj = record._loader()
-        except Exception as exc:  # any import-time failure of a third-party package
-            record.error = f"{type(exc).__name__}: {exc}"
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # any import-time failure, SystemExit included
+            record.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if isinstance(exc, SystemExit):
+                record.error = f"the plugin called sys.exit({exc.code!r}) while being imported"
             return
         self._validate(record, obj)
         if not record.error:
@@ -188,3 +193,7 @@ class Registry:
             self.check(record.name, obj)
         except TypeError as exc:
             record.error = f"wrong type: {exc}"
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # e.g. a class property that raises while being checked
+            record.error = f"cannot be checked: {type(exc).__name__}: {exc}"

@@ -46,6 +46,13 @@ def test_defaults_are_filled(tmp_path):
     assert recipe["model"]["connector"]["mode"] == "shared"
 
 
+def with_section(line: str) -> str:
+    """BASE with one top-level section replaced (a key given twice is an error)."""
+    key = line.split(":", 1)[0]
+    kept = [x for x in BASE.splitlines() if not x.startswith(key + ":")]
+    return "\n".join(kept + [line]) + "\n"
+
+
 @pytest.mark.parametrize("extra, key, message", [
     ("train: {lrr: 1}", "train.lrr", "did you mean 'lr'"),
     ("train: {batch_size: many}", "train.batch_size", "expected int"),
@@ -60,7 +67,7 @@ def test_defaults_are_filled(tmp_path):
     ("train: {trainable: [conector]}", "train.trainable.0", "did you mean 'connector'"),
 ])
 def test_bad_recipes_name_file_and_key(tmp_path, extra, key, message):
-    path = write(tmp_path, BASE + extra + "\n")
+    path = write(tmp_path, with_section(extra))
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     assert err.value.key == key
@@ -85,7 +92,7 @@ def test_circular_extends(tmp_path):
 
 
 def test_yaml_is_loaded_safely(tmp_path):
-    path = write(tmp_path, BASE + "output: !!python/object/apply:os.system ['echo pwned']\n")
+    path = write(tmp_path, with_section("output: !!python/object/apply:os.system ['echo pwned']"))
     with pytest.raises(RecipeError, match="invalid YAML"):
         load_recipe(path)
 

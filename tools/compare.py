@@ -53,8 +53,9 @@ def run_one(recipe: str, overrides: list[str], seed: int, out: Path, rerun: bool
             print(f"[compare] {out}: done before, not re-run", flush=True)
             return out
     print(f"[compare] running {recipe} seed {seed} -> {out}", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), recipe, *full], check=True,
-                   cwd=ROOT)
+    # a folder holding an unfinished run (killed) is started again from scratch
+    subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), recipe, *full, "--overwrite"],
+                   check=True, cwd=ROOT)
     return out
 
 

@@ -28,6 +28,8 @@ class BadSample:
     id: str | None
     index: int
     problems: list[tuple[str | None, str]]   # (file or None, reason)
+    structural: bool = False                  # found reading the manifest (training skips it with
+                                              # on_error: skip); else a media file or the metric
 
     @property
     def file(self) -> str | None:
@@ -139,25 +141,33 @@ def check_media(files: Mapping[str, list[str]], plugins: Mapping[str, Any], work
 
 
 def check_manifest(manifest: str | Path, root: str | Path | None = None,
-                   plugins: Mapping[str, Any] | None = None, workers: int = 2) -> CheckReport:
+                   plugins: Mapping[str, Any] | None = None, workers: int = 2,
+                   decode: bool = True) -> CheckReport:
     """Every structural problem and every unreadable media file of ``manifest``.
 
-    ``plugins``: modality name -> plugin instance (or class, default options). A manifest that
+    ``plugins``: modality name -> plugin instance (or class, default options); ``decode=False``
+    skips the media pass (structure and metrics only). A manifest that
     cannot be read as a whole (not UTF-8, invalid JSON) raises :class:`DataError`.
     """
     plugins = dict(plugins or {})
     data = load_manifest(manifest, root, plugins, on_error="skip")
-    bad = [BadSample(s.id, s.index, list(s.problems) or [(s.file, s.reason)]) for s in data.skipped]
+    bad = [BadSample(s.id, s.index, list(s.problems) or [(s.file, s.reason)], structural=True)
+           for s in data.skipped]
     files: dict[str, list[str]] = {}
     for sample in data.samples:
         for modality, paths in sample.media.items():
             known = files.setdefault(modality, [])
             known.extend(str(p) for p in paths)
     files = {m: list(dict.fromkeys(ps)) for m, ps in files.items()}
-    results = check_media(files, plugins, workers)
+    results = check_media(files, plugins, workers) if decode else {}
+    from mil_plugins.scoring import METRICS
+
     for sample in data.samples:
         problems = [(str(p), results[(m, str(p))]) for m, paths in sample.media.items()
                     for p in paths if results.get((m, str(p)))]
+        if sample.metric is not None and sample.metric not in METRICS:
+            problems.append((None, f"unknown metric {sample.metric!r}; valid metrics: "
+                                   f"{', '.join(METRICS)}"))
         if problems:
             bad.append(BadSample(sample.id, sample.index, problems))
     bad.sort(key=lambda b: b.index)
@@ -173,8 +183,10 @@ def installed_plugins() -> tuple[dict[str, Any], dict[str, str]]:
     for name in MODALITIES.names():
         try:
             plugins[name] = MODALITIES.get(name)()
-        except Exception as exc:
-            failed[name] = str(exc)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a plugin's constructor may even call sys.exit
+            failed[name] = f"{type(exc).__name__}: {exc}"
     return plugins, failed
 
 
@@ -193,4 +205,9 @@ def run_check_data(manifest: str | Path, root: str | Path | None = None, workers
         print(f"error: {exc}", file=out)
         return 1
     print(report.format(), file=out)
+    if root is None and report.bad and all("media file missing" in b.reason for b in report.bad):
+        print(f"note: media paths were resolved from the manifest's folder "
+              f"{Path(manifest).absolute().parent}; training resolves them from the recipe's "
+              f"data.root: give --root DATA_ROOT, or check what a run reads with "
+              f"`mil check-data RECIPE`", file=out)
     return 0 if report.ok else 1

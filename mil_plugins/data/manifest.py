@@ -14,8 +14,9 @@ the order of that modality's placeholders in the human turns. ``"from"`` is ``hu
 ``conversations`` and the modality keys, the keys ``task``, ``metric``, ``meta`` and ``source`` are
 allowed; anything else is an error (a misspelt or uninstalled modality must not be ignored).
 Media paths are relative to the data root (default: the manifest's directory); a path that leaves the
-root, written as ``..`` or as an absolute path, is an error (the check is on the path as written: a
-symlink inside the root may point elsewhere). ``Sample.media`` holds absolute, resolved paths.
+root, written as ``..`` or as an absolute path, or through a symlink inside the root that points out
+of it, is an error. ``Sample.media`` holds absolute, resolved paths. A sample with a key given twice,
+or text that is not valid Unicode (a lone surrogate) is bad too.
 
 Every problem is a :class:`DataError` naming the manifest, the sample and the problem. With
 ``on_error="skip"`` bad samples are left out and listed in :attr:`ManifestData.skipped`; a file that
@@ -192,7 +193,7 @@ def _read_records(path: Path) -> list[Any]:
         if not stripped:
             raise DataError("empty file; expected a JSON list of samples or JSONL", manifest=path)
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_object_pairs)
         except json.JSONDecodeError as exc:
             if stripped.startswith("{") and exc.msg == "Extra data":
                 jsonl = True  # one object per line, whatever the suffix
@@ -211,7 +212,7 @@ def _read_records(path: Path) -> list[Any]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(json.loads(line, object_pairs_hook=_object_pairs))
         except json.JSONDecodeError as exc:
             records.append(_BadLine(f"invalid JSON at line {lineno}, column {exc.colno}: "
                                     f"{exc.msg}"))
@@ -229,6 +230,51 @@ def _installed_modalities() -> set[str]:
         return set()
 
 
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return os.path.commonpath([str(path), str(root)]) == str(root)
+    except ValueError:  # different drives
+        return False
+
+
+class _JSONObject(dict):
+    """A JSON object that remembers keys given twice (``json`` keeps only the last)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    obj = _JSONObject(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj.duplicates = tuple(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _text_problems(value: Any, where: str = "") -> list[str]:
+    """Duplicate keys and strings that are not valid Unicode (lone surrogates from ``\\ud800``
+    escapes), anywhere in a record."""
+    out: list[str] = []
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            out.append(f"{where or 'a value'}: text holds an unpaired surrogate "
+                       f"(\\u{ord(value[exc.start]):04x} at character {exc.start}); it is not "
+                       f"valid Unicode")
+    elif isinstance(value, dict):
+        for key in getattr(value, "duplicates", ()):
+            out.append(f"{where + ': ' if where else ''}duplicate key {key!r} in one JSON object "
+                       f"(JSON keeps only the last)")
+        for k, v in value.items():
+            out.extend(_text_problems(k, f"{where}.{k}".lstrip(".") + " (key)"))
+            out.extend(_text_problems(v, f"{where}.{k}".lstrip(".")))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out.extend(_text_problems(v, f"{where}[{i}]"))
+    return out
+
+
 def _looks_like_media(value: Any) -> bool:
     values = value if isinstance(value, list) else [value]
     return bool(values) and all(isinstance(v, str) and Path(v).suffix for v in values)
@@ -238,6 +284,7 @@ class _Checker:
     def __init__(self, path: Path, root: Path, plugins: Mapping[str, Any]):
         self.path = path
         self.root = root
+        self.real_root = Path(os.path.realpath(root))
         self.key_to_modality: dict[str, str] = {}
         for modality, plugin in plugins.items():
             key = plugin_manifest_key(plugin)
@@ -278,6 +325,7 @@ class _Checker:
                 problems.append((None, f"{key!r} must be a string or null, got "
                                        f"{type(value).__name__}"))
             meta[key] = value
+        problems.extend((None, p) for p in _text_problems(rec))
         if problems:
             return sid, None, problems
         sample = Sample(id=sid, conversations=turns, media=media, task=meta["task"],
@@ -430,6 +478,10 @@ class _Checker:
                                     f"{self.root} (media paths must stay inside the root)"))
             return None
         path = Path(joined).resolve()
+        if not _inside(path, self.real_root):
+            problems.append((value, f"{key!r}: {value!r} is a symlink (or lies under one) that "
+                                    f"points outside the data root {self.root}: {path}"))
+            return None
         if not path.is_file():
             reason = "is a directory, not a file" if path.is_dir() else "media file missing"
             problems.append((str(path), f"{key!r}: {reason}: {path}"))

@@ -19,6 +19,9 @@ from mil_plugins.engine import checkpoint as ckpt
 from mil_plugins.engine.distributed import fill_deepspeed_config, init_distributed
 from mil_plugins.engine.logs import JsonlLogger
 from mil_plugins.engine.loop import StagePlan, train_stage
+from mil_plugins.engine.preflight import preflight
+from mil_plugins.engine.resume import check_resume, data_fingerprint
+from mil_plugins.engine.rundir import RunFolder
 from mil_plugins.engine.session import Session
 from mil_plugins.engine.trainable import apply_trainable, group_names
 from mil_plugins.evaluate import predict, score_predictions
@@ -33,13 +36,35 @@ def _stage_lr(stage_cfg: dict, train: dict, key: str):
 class Runner:
     """Stage after stage: train, evaluate every seen stage, checkpoint, report."""
 
-    def __init__(self, recipe: dict, resume: bool = False):
+    def __init__(self, recipe: dict, resume: bool = False, overwrite: bool = False,
+                 allow_changes: list[str] | tuple[str, ...] = ()):
         self.recipe = recipe
         self.dist = init_distributed()
         self.out = Path(recipe["output"]["dir"])
         self.ckpt_root = self.out / "checkpoints"
+        self.folder = RunFolder(self.out)
+        if self.dist.is_main:
+            removed = self.folder.acquire(resume=resume, overwrite=overwrite)
+            if removed:
+                print(f"[mil] removed {len(removed)} temporary file(s) a killed write left in "
+                      f"{self.out}")
+        try:
+            self._setup(resume, allow_changes)
+        except BaseException:
+            self.folder.release()
+            raise
+
+    def _setup(self, resume: bool, allow_changes) -> None:
+        recipe = self.recipe
+        self.dist.barrier()
         self._prepare_data()
-        self.session = Session(recipe, self.dist)
+        self.data_fingerprint = data_fingerprint(recipe)
+        loaded = self._read_resume_checkpoint(allow_changes) if resume else None
+        if self.dist.is_main:
+            preflight(recipe)  # data.preflight: full | manifests | off
+        self.dist.barrier()
+        self.session = Session(recipe, self.dist,
+                               tokenizer_dir=loaded["tokenizer_dir"] if loaded else None)
         self.ctx, self.methods, self.model = self.session.ctx, self.session.methods, self.session.model
         self.hooks = self.session.hooks
         self.logger = JsonlLogger(self.out, self.dist.is_main, recipe["output"]["tensorboard"])
@@ -53,8 +78,8 @@ class Runner:
             "seconds": [None] * len(stages), "ever_trained": [], "deepspeed_tag": None,
         }
         self.resume_optimizer = None
-        if resume:
-            self._resume()
+        if loaded is not None:
+            self._resume(loaded)
 
     def _prepare_data(self) -> None:
         gen = self.recipe["data"]["generate"]
@@ -65,13 +90,23 @@ class Runner:
             self.dist.barrier()
 
     # ---- resume -------------------------------------------------------------------------------
-    def _resume(self) -> None:
+    def _read_resume_checkpoint(self, allow_changes) -> dict | None:
+        """The last checkpoint, verified, after checking that the recipe and the data it was
+        written with are the ones given now (the tokenizer is then loaded from it)."""
         last = self.ckpt_root / "last"
         if not (last / "state.json").exists():
             if self.dist.is_main:
                 print(f"[mil] --resume: no checkpoint in {last}; starting from the beginning")
-            return
+            return None
         loaded = ckpt.read_checkpoint(last)
+        allowed = check_resume(last, loaded["recipe"], self.recipe, loaded["data"],
+                               self.data_fingerprint, allow_changes)
+        if allowed and self.dist.is_main:
+            print(f"[mil] --resume: allowed change(s): {', '.join(allowed)}")
+        return loaded
+
+    def _resume(self, loaded: dict) -> None:
+        last = self.ckpt_root / "last"
         self.session.restore(loaded)
         self.state = loaded["state"]
         self.resume_optimizer = loaded["optimizer"]
@@ -87,7 +122,7 @@ class Runner:
         ckpt.write_checkpoint(path, weights=self.session.trained_weights(set(self.state["ever_trained"])),
                               methods=self.session.method_states(), state=self.state,
                               recipe=self.recipe, tokenizer=self.session.tokenizer,
-                              optimizer_state=optimizer_state)
+                              optimizer_state=optimizer_state, data=self.data_fingerprint)
 
     # ---- training -----------------------------------------------------------------------------
     def _ds_config(self) -> dict | None:
@@ -257,9 +292,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output.dir that holds another run's results "
+                             "(deletes them)")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="with --resume: allow this recipe key to differ from the checkpoint's "
+                             "(only keys that do not change what is learned, e.g. "
+                             "train.log_every_steps)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; ignored otherwise")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,8 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = os.environ.get("MIL_NUM_THREADS") or recipe["train"]["num_threads"]
     if threads:
         torch.set_num_threads(int(threads))
-    runner = Runner(recipe, resume=args.resume)
-    metrics = runner.run()
+    if args.allow_change and not args.resume:
+        raise ValueError("--allow-change only applies with --resume")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in output.dir, --overwrite deletes it: "
+                         "give one of them")
+    runner = Runner(recipe, resume=args.resume, overwrite=args.overwrite,
+                    allow_changes=args.allow_change)
+    try:
+        metrics = runner.run()
+    finally:
+        runner.folder.release()
     if runner.dist.is_main:
         out = Path(recipe["output"]["dir"])
         print(f"[mil] done: {out / 'report.md'}")

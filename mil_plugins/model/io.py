@@ -18,7 +18,6 @@ The directory is written under a temporary sibling name and swapped in at the en
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -79,6 +78,7 @@ def model_meta(model: MultimodalLM) -> dict[str, Any]:
 def save_model(model: MultimodalLM, directory: str | os.PathLike) -> Path:
     """Write ``model`` to ``directory`` (replaced atomically if it exists). Returns the path."""
     from mil_plugins.atomic import atomic_dir, atomic_save_safetensors, atomic_write_json
+    from mil_plugins.checksums import write_checksums
 
     directory = Path(directory)
     meta = model_meta(model)
@@ -93,40 +93,53 @@ def save_model(model: MultimodalLM, directory: str | os.PathLike) -> Path:
                                 metadata={"format_version": FORMAT_VERSION})
         atomic_save_safetensors(tmp / "connector.safetensors", model.connector.state_dict(),
                                 metadata={"format_version": FORMAT_VERSION})
+        write_checksums(tmp)  # last
     return directory
 
 
+#: plugin classes that are not registered modalities but ship with the toolkit (an adopted HF
+#: Llava's image tower); the only class paths a saved model may name directly
+_INTERNAL_PLUGINS = frozenset({"mil_plugins.model.hf_llava:LlavaVisionPlugin"})
+
+
 def _resolve_plugin(entry: dict[str, Any]) -> type[ModalityPlugin]:
-    """The recorded plugin class if it still imports, else the registry's plugin of that name."""
-    path = entry.get("plugin")
-    if path and ":" in path:
-        module, _, qualname = path.partition(":")
-        try:
-            obj: Any = importlib.import_module(module)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError):
-            obj = None
-        if (isinstance(obj, type) and issubclass(obj, ModalityPlugin)
-                and obj.name == entry["name"]):
-            return obj
+    """The registry's plugin of the recorded name: nothing named in a saved file is imported.
+
+    The recorded class path is only compared, so a plugin that moved is reported, not guessed."""
     from mil_plugins.plugins import MODALITIES
 
-    return MODALITIES.get(entry["name"])
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise ValueError(f"{META_FILE}: a modality entry has no name: {entry!r}")
+    if entry.get("plugin") in _INTERNAL_PLUGINS:  # a fixed list of our own, never a free import
+        module, _, attr = entry["plugin"].partition(":")
+        import importlib
+        return getattr(importlib.import_module(module), attr)
+    cls = MODALITIES.get(name)
+    recorded = entry.get("plugin")
+    if recorded and recorded != _class_path(cls):
+        import warnings
+
+        warnings.warn(f"modality {name!r} was saved with plugin {recorded}, the registry now "
+                      f"provides {_class_path(cls)}; using the registry's", stacklevel=3)
+    return cls
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # truncated / corrupt / missing
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__})") from None
 
 
 def load_model(directory: str | os.PathLike, device: str | torch.device | None = None,
                is_trainable: bool = True) -> MultimodalLM:
     """Load a model written by :func:`save_model`.
 
-    Modality plugins are rebuilt from the recorded class (``module:Class``), falling back to the
-    registry by name; ``is_trainable`` is passed to ``PeftModel.from_pretrained``.
+    Modality plugins are rebuilt through the registry by their recorded name (a recorded class
+    path is never imported); ``checksums.json`` is verified first; ``is_trainable`` is passed to ``PeftModel.from_pretrained``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,7 +147,13 @@ def load_model(directory: str | os.PathLike, device: str | torch.device | None =
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory}: not a saved model (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
+    from mil_plugins.checksums import verify_checksums
+
+    verify_checksums(directory)  # a ChecksumError names the file that does not match
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{meta_path}: not a JSON model description ({exc})") from None
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: format_version {version!r}, this version reads {FORMAT_VERSION}")

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mil_plugins.recipe import schema as S
+from mil_plugins.recipe.yaml_safe import RecipeYAMLError, load_yaml
 
 
 class RecipeError(ValueError):
@@ -33,10 +36,16 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(path, "", "recipe file not found") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(path, "", f"not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except IsADirectoryError:
+        raise RecipeError(path, "", "is a directory, not a recipe file") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(path, "", f"invalid YAML: {exc}") from None
+        data = load_yaml(text)
+    except RecipeYAMLError as exc:
+        raise RecipeError(path, "", str(exc)) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise RecipeError(path, "", "invalid YAML: " + " ".join(str(exc).split())) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -75,20 +84,27 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "command lin
         if "=" not in item:
             raise RecipeError(source, item, "an override must look like key.path=value")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise RecipeError(source, key, f"cannot parse value {raw!r}: {exc}") from None
         parts = key.split(".")
+        if not key.strip() or any(not p.strip() for p in parts):
+            raise RecipeError(source, item, "an override must look like key.path=value (the key "
+                                            "path is empty or has an empty part)")
+        try:
+            value = load_yaml(raw) if raw != "" else ""
+        except (yaml.YAMLError, RecipeYAMLError) as exc:
+            raise RecipeError(source, key, "cannot parse value "
+                              f"{raw!r}: " + " ".join(str(exc).split())) from None
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             here = ".".join(parts[: i + 1])
             if isinstance(node, list):
                 node = node[_index(node, part, source, here)]
-            else:
+            elif isinstance(node, dict):
                 if node.get(part) is None:
                     node[part] = {}
                 node = node[part]
+            else:
+                raise RecipeError(source, key, f"{here.rsplit('.', 1)[0]} is a value, not a "
+                                               f"mapping or a list")
         last = parts[-1]
         if isinstance(node, list):
             node[_index(node, last, source, key)] = value
@@ -176,7 +192,28 @@ def _check_section(data: dict, section: dict, source: str, path: str) -> dict:
         choices = S.CHOICES.get(tuple(here.split(".")))
         if choices and out[key] not in choices:
             raise RecipeError(source, here, f"{out[key]!r} is not one of {', '.join(choices)}")
+        _check_value(out[key], source, here)
     return out
+
+
+def _pattern(path: str) -> tuple[str, ...]:
+    return tuple("*" if part.isdigit() else part for part in path.split("."))
+
+
+def _check_value(value: Any, source: str, path: str) -> None:
+    """Numbers: finite and in the key's range; strings the schema needs non-empty: non-empty."""
+    key = _pattern(path)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(source, path, f"{value!r} is not a finite number")
+    rng = S.RANGES.get(key)
+    if rng is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not rng.contains(value):
+            raise RecipeError(source, path, f"{value!r} is out of range; allowed: {rng.describe()}")
+    if key in S.NON_EMPTY and isinstance(value, str) and not value.strip():
+        raise RecipeError(source, path, "must not be empty")
+    if key == ("stages", "*", "name") and not re.fullmatch(S.NAME_PATTERN, value):
+        raise RecipeError(source, path, f"stage name {value!r} must be letters, digits, '_', '.' "
+                                        f"or '-' (it names the stage's checkpoint folder)")
 
 
 def _join(path: str, key: Any) -> str:

@@ -84,6 +84,8 @@ DATA = {
     "on_error": (str, "raise"),              # raise | skip (skipped samples are counted)
     "max_train_samples": (Optional(int), None),
     "max_test_samples": (Optional(int), None),
+    "preflight": (str, "full"),              # before stage 1: full (every media file decoded) |
+                                             # manifests (structure and metrics only) | off
 }
 
 STAGE = {
@@ -164,7 +166,76 @@ CHOICES = {
     ("model", "connector", "mode"): ("shared", "per_modality"),
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
     ("data", "on_error"): ("raise", "skip"),
+    ("data", "preflight"): ("full", "manifests", "off"),
     ("data", "generate", "size"): ("tiny", "small", "full"),
     ("train", "scheduler"): ("cosine", "linear", "constant"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
 }
+
+
+class Range:
+    """Allowed numbers: ``lo``/``hi`` bounds (``None``: open), ``lo_open``: ``> lo`` instead of
+    ``>= lo``. NaN and infinities are never allowed."""
+
+    def __init__(self, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+
+    def contains(self, x) -> bool:
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        if self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi):
+            return False
+        return True
+
+    def describe(self) -> str:
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi}")
+        return " and ".join(parts) or "a finite number"
+
+
+POSITIVE = Range(0, lo_open=True)      # > 0
+AT_LEAST_1 = Range(1)                  # >= 1 (counts, sizes)
+NON_NEGATIVE = Range(0)                # >= 0
+
+#: value ranges by key path (``*``: any list index or map key); null values are not checked
+RANGES = {
+    ("model", "max_length"): AT_LEAST_1,
+    ("model", "connector", "shared_dim"): AT_LEAST_1,
+    ("model", "lora", "r"): AT_LEAST_1,
+    ("model", "lora", "alpha"): POSITIVE,
+    ("model", "lora", "dropout"): Range(0, 1, hi_open=True),
+    ("data", "generate", "seed"): NON_NEGATIVE,
+    ("data", "max_train_samples"): AT_LEAST_1,
+    ("data", "max_test_samples"): AT_LEAST_1,
+    ("stages", "*", "epochs"): POSITIVE,
+    ("stages", "*", "max_steps"): AT_LEAST_1,
+    ("stages", "*", "lr"): NON_NEGATIVE,
+    ("stages", "*", "mm_projector_lr"): NON_NEGATIVE,
+    ("train", "seed"): NON_NEGATIVE,
+    ("train", "batch_size"): AT_LEAST_1,
+    ("train", "grad_accum"): AT_LEAST_1,
+    ("train", "epochs"): POSITIVE,
+    ("train", "max_steps"): AT_LEAST_1,
+    ("train", "lr"): NON_NEGATIVE,
+    ("train", "mm_projector_lr"): NON_NEGATIVE,
+    ("train", "weight_decay"): NON_NEGATIVE,
+    ("train", "warmup_ratio"): Range(0, 1),
+    ("train", "max_grad_norm"): NON_NEGATIVE,   # 0 = no clipping
+    ("train", "save_every_steps"): NON_NEGATIVE,  # 0 = only at stage ends
+    ("train", "num_threads"): AT_LEAST_1,
+    ("train", "log_every_steps"): AT_LEAST_1,
+    ("warmup", "epochs"): POSITIVE,
+    ("warmup", "max_steps"): AT_LEAST_1,
+    ("warmup", "lr"): NON_NEGATIVE,
+    ("eval", "batch_size"): AT_LEAST_1,
+    ("eval", "max_new_tokens"): AT_LEAST_1,
+}
+
+#: strings that must not be empty (an empty output.dir would write into the working directory)
+NON_EMPTY = {("data", "root"), ("output", "dir"), ("stages", "*", "name"), ("stages", "*", "train"),
+             ("warmup", "train"), ("model", "template")}
+#: stage names become checkpoint folder names (stage-01-NAME)
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"

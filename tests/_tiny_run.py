@@ -1,0 +1,24 @@
+"""A two-stage cut of recipes/quickstart.yaml that trains a few steps (seconds): the run the
+reliability tests kill, resume, lock and tamper with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
+
+
+def tiny_args(data_root: Path, out: Path, *extra: str, stages: int = 2) -> list[str]:
+    recipe = yaml.safe_load(RECIPE.read_text())
+    cut = recipe["stages"][:stages]
+    modalities = {s["modality"]: recipe["modalities"].get(s["modality"]) or {}
+                  for s in cut if s.get("modality")}
+    return [str(RECIPE), f"data.root={data_root}", f"output.dir={out}",
+            "data.generate.size=tiny", "output.tensorboard=false",
+            f"modalities={json.dumps(modalities)}", f"stages={json.dumps(cut)}",
+            "warmup.max_steps=2", "train.max_steps=2", "data.max_train_samples=8",
+            "data.max_test_samples=4", "eval.batch_size=8", "train.num_threads=1", *extra]
