@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from mil_plugins.probe import answer_of, pooled_raw, probe_tasks, vectors  # noqa: E402
+from mil_plugins.probe import answer_of, pooled_raw, probe_tasks, render_probe_gap, vectors  # noqa: E402
 from mil_plugins.recipe import load_recipe  # noqa: E402
 
 
@@ -97,18 +97,6 @@ def train_alone(recipe: dict, stage_name: str, run_dir: Path) -> dict:
     return metrics["per_task"][stage_name]
 
 
-def render(result: dict, command: str) -> str:
-    lines = ["| stage | task | chance | raw probe | encoder probe | MLLM alone | MLLM / probe |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for stage, tasks in result["stages"].items():
-        for task, v in tasks.items():
-            mllm = v.get("mllm")
-            ratio = f"{mllm / v['encoder']:.2f}" if mllm is not None and v["encoder"] else "—"
-            lines.append(f"| {stage} | {task} | {v['chance']:.1f} | {v['raw']:.1f} | "
-                         f"{v['encoder']:.1f} | {'—' if mllm is None else f'{mllm:.1f}'} | {ratio} |")
-    return "\n".join(lines) + f"\n\nProduced by: `{command}`\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")
@@ -137,10 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             for task, v in tasks.items():
                 v["mllm"] = scores.get(task)
     result["seconds"] = round(time.time() - t0, 1)
-    command = " ".join(["python bench/probe_gap.py", args.recipe, *args.overrides] +
-                       ([f"--stages {args.stages}"] if args.stages else []) +
-                       (["--no-mllm"] if args.no_mllm else []))
-    text = render(result, command)
+    result["command"] = " ".join(["python bench/probe_gap.py"] + (argv if argv is not None else sys.argv[1:]))
+    text = render_probe_gap(result)
     print(text)
     if args.out:
         from mil_plugins.atomic import atomic_write_text

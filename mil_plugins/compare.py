@@ -221,7 +221,23 @@ def render_matrix(result: Mapping[str, Any], label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-VIEWS = {"summary": render_summary, "tasks": render_tasks}
+def _probe_gap(result: Mapping[str, Any]) -> str:
+    from mil_plugins.probe import render_probe_gap
+    return render_probe_gap(dict(result))
+
+
+def render_brief(result: Mapping[str, Any]) -> str:
+    """One sentence per method: final average accuracy and forgetting, mean ± std over seeds."""
+    parts = []
+    for label, g in result["groups"].items():
+        m = g["metrics"]
+        parts.append(f"`{label}` {_pm(m['final_average_accuracy'])} final average accuracy, "
+                     f"{_pm(m['forgetting'])} forgetting")
+    n = max((len(g["runs"]) for g in result["groups"].values()), default=0)
+    return "; ".join(parts) + f" (mean ± std over {n} seeds).\n"
+
+
+VIEWS = {"summary": render_summary, "brief": render_brief, "tasks": render_tasks, "probe_gap": _probe_gap}
 
 
 def render_view(result: Mapping[str, Any], view: str | None) -> str:

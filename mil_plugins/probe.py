@@ -94,3 +94,19 @@ def probe_tasks(train: Iterable[tuple[object, torch.Tensor]],
 def vectors(samples: Sequence, featurize: Callable[[object], torch.Tensor]) -> list[tuple[object, torch.Tensor]]:
     """``(sample, featurize(sample).flatten())`` for every sample."""
     return [(s, featurize(s).detach().float().reshape(-1).cpu()) for s in samples]
+
+
+def render_probe_gap(result: dict) -> str:
+    """The markdown table of a ``bench/probe_gap.py`` results file."""
+    lines = ["| stage | task | chance | raw probe | encoder probe | MLLM alone | MLLM / probe |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for stage, tasks in result["stages"].items():
+        for task, v in tasks.items():
+            mllm = v.get("mllm")
+            ratio = f"{mllm / v['encoder']:.2f}" if mllm is not None and v["encoder"] else "—"
+            raw = "—" if v.get("raw") is None else f"{v['raw']:.1f}"
+            lines.append(f"| {stage} | {task} | {v['chance']:.1f} | {raw} | {v['encoder']:.1f} | "
+                         f"{'—' if mllm is None else f'{mllm:.1f}'} | {ratio} |")
+    if result.get("command"):
+        lines += ["", f"Produced by: `{result['command']}`"]
+    return "\n".join(lines) + "\n"

@@ -115,3 +115,71 @@ def test_llava_projector_state():
     torch.testing.assert_close(p(x), s("a", x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         c.input_layer_state("a")
+
+
+# ---- feature standardiser and token mixer --------------------------------------------------------
+
+def _features(n=64, t=5, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 10.0 + 0.01 * torch.randn(n, t, d, generator=g)  # a big shared offset, small variation
+
+
+@pytest.mark.parametrize("mode", ["per_modality", "shared"])
+def test_standardizer_is_identity_until_fitted_then_standardises(mode):
+    c = Connector(16, mode, "mlp2x_gelu", standardize=True)
+    c.add_modality("audio", 8, num_tokens=5)
+    x = _features()
+    before = c("audio", x)
+    assert c.needs_fit("audio")
+    std = c.standardizers["audio"]
+    assert torch.equal(std(x), x)
+    c.fit_standardizer("audio", x)
+    assert not c.needs_fit("audio")
+    z = std(x).reshape(-1, 8)
+    assert torch.allclose(z.mean(0), torch.zeros(8), atol=1e-4)
+    assert torch.allclose(z.std(0, unbiased=False), torch.ones(8), atol=1e-3)
+    assert not torch.allclose(c("audio", x), before)
+
+
+@pytest.mark.parametrize("mode", ["per_modality", "shared"])
+def test_fitted_standardizer_folds_into_the_llava_projector_exactly(mode):
+    from mil_plugins.projectors import build_projector
+
+    c = Connector(16, mode, "mlp2x_gelu", standardize=True)
+    c.add_modality("audio", 8)
+    x = _features()
+    c.fit_standardizer("audio", x)
+    ptype, hidden, sd = c.llava_projector_state("audio", fold_input_layer=True)
+    proj = build_projector(ptype, hidden, 16)
+    proj.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.allclose(proj(x), c("audio", x), atol=1e-4)
+
+
+def test_token_mixer_reads_all_tokens_and_writes_k():
+    c = Connector(16, "shared", "mlp2x_gelu", shared_dim=12, standardize=True, mix_tokens=3)
+    c.add_modality("video", 8, num_tokens=5)
+    assert c.output_tokens("video", 5) == 3
+    x = _features(t=5)
+    c.fit_standardizer("video", x)
+    assert c.standardizers["video"].mean.shape == (5, 8)  # per (token, dimension)
+    assert c("video", x).shape == (64, 3, 16)
+    y = x.clone()
+    y[:, 4] += 1.0  # only the last token changes: every output token can see it
+    assert not torch.allclose(c("video", y)[:, 0], c("video", x)[:, 0])
+    # the mixer as one linear map of the flattened raw features, then the LLaVA projector
+    mixer = c.mixer_state("video")
+    with torch.no_grad():
+        mixed = torch.nn.functional.linear(x.reshape(64, -1), mixer["weight"], mixer["bias"])
+        assert torch.allclose(c.shared(mixed.view(64, 3, 12)), c("video", x), atol=1e-4)
+    assert c.dummy_output("video").item() == 0.0
+    with pytest.raises(ValueError, match="mix_tokens"):
+        c.llava_projector_state("video", fold_input_layer=True)
+    rebuilt = Connector.from_config(c.config())
+    rebuilt.load_state_dict(c.state_dict())
+    assert torch.equal(rebuilt("video", x), c("video", x))
+
+
+def test_token_mixer_needs_the_shared_mode():
+    with pytest.raises(ValueError, match="shared"):
+        Connector(16, "per_modality", mix_tokens=2)

@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             json.loads((d / "metrics.json").read_text()).get("method") or d.name
         groups.setdefault(label, []).append(d)
     if not groups:
-        parser.error("give recipes to run or --runs folders to tabulate")
+        if not args.update_docs:
+            parser.error("give recipes to run, --runs folders to tabulate, or --update-docs DOC")
+        for doc in args.update_docs:
+            print(f"[compare] {doc}: {update_doc(Path(doc), ROOT)} results block(s) re-rendered")
+        return 0
     command = "python tools/compare.py " + " ".join(
         (argv if argv is not None else sys.argv[1:]))
     result = aggregate(groups, args.reference, command)
