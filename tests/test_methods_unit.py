@@ -30,6 +30,7 @@ from mil_plugins.methods.finetune import Finetune
 from mil_plugins.methods.joint import Joint
 from mil_plugins.methods.lwf import LwF, distill_kl
 from mil_plugins.methods.replay import Replay
+from mil_plugins.methods.teacher import TeacherSource
 from mil_plugins.model.build import build_model
 
 VEC, SEQ = VecPlugin.name, SeqPlugin.name
@@ -118,9 +119,9 @@ class Harness:
     # ---- the Runner's stage sequence ----------------------------------------------------------
     def begin(self, stage):
         self.ctx.stage = stage
-        self.ctx._teacher = lazy_frozen_copy(self.model)
         for m in self.methods:
             m.before_stage(self.ctx, stage)
+        self.ctx._teacher = TeacherSource(self.model)  # as the engine: after before_stage
         samples = list(stage.train_samples)
         for m in self.methods:
             samples = m.train_samples(self.ctx, stage, samples)
@@ -129,6 +130,7 @@ class Harness:
             names = set(m.trainable(self.ctx, stage, set(names)))
         self.last_samples, self.last_names = samples, names
         apply_trainable(self.model, names)
+        self.ctx._teacher.seal(names)  # as the engine: just before training
         self.ever_trained |= names
         return samples, names
 
@@ -419,7 +421,7 @@ def test_distill_kl_uses_answer_positions_only():
 
 
 def test_lwf_absent_first_stage_then_distils_teacher():
-    h = Harness([LwF(T=2.0, alpha=0.5)])
+    h = Harness([LwF(T=2.0, alpha=0.5, distill="answers")])
     lwf = h.methods[0]
     s0, s1 = h.stages
     h.begin(s0)
@@ -443,6 +445,102 @@ def test_lwf_absent_first_stage_then_distils_teacher():
     assert lwf.state_dict() == {}
     with pytest.raises(ValueError, match="T must be"):
         LwF(T=0)
+    with pytest.raises(ValueError, match="distill"):
+        LwF(distill="logits")
+
+
+def _text_harness(**options):
+    h = Harness([LwF(**options)], lora=LORA, trainable=("connector", "lora"))
+    pool = _samples(None, 12, "txt")
+    h.ctx.load_samples = lambda manifest, root=None, limit=None: pool if manifest == "t.json" else []
+    return h, pool
+
+
+def test_masked_kl_zero_for_equal_logits_and_masked_positions_ignored():
+    from mil_plugins.methods.lwf import masked_kl
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert float(masked_kl(t, t, mask, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    base = float(masked_kl(s, t, mask, 2.0))
+    s2 = s.clone()
+    s2[0, 0, 0] += 5.0  # padding: ignored
+    assert float(masked_kl(s2, t, mask, 2.0)) == pytest.approx(base)
+    s2[1, 1, 0] += 5.0
+    assert float(masked_kl(s2, t, mask, 2.0)) != pytest.approx(base)
+
+
+def test_lwf_text_distillation_on_text_prompts_zero_when_teacher_is_student(tmp_path):
+    h, pool = _text_harness(T=2.0, text_pool="t.json", text_samples=3)
+    lwf = h.methods[0]
+    s0, s1 = h.stages
+    h.run_stage(s0, steps=2)
+    h.begin(s1)
+    batch = h.collate(s1.train_samples[:4])
+    terms = lwf.loss_terms(h.ctx, batch, h.model(batch))
+    assert set(terms) == {"kd_text"}  # the new task's answer positions are not distilled
+    assert float(terms["kd_text"]) == pytest.approx(0.0, abs=1e-6)  # teacher == student
+    # the prompts are text-only samples of the pool, drawn by (seed, stage, step)
+    drawn = lwf._text_batch(h.ctx)
+    assert drawn["input_ids"].shape[0] == 3 and not drawn.get("media")
+    assert torch.equal(drawn["input_ids"], lwf._text_batch(h.ctx)["input_ids"])
+    # a change of what the stage trains in the LLM (text prompts go through it) is penalised and
+    # gets gradients; the teacher shares the frozen weights, keeps its own copy of the trained ones
+    params = dict(h.model.named_parameters())
+    name = next(k for k in sorted(h.last_names) if ".lora_B." in k)
+    frozen = next(k for k in params if k not in h.last_names and k.startswith("llm."))
+    teacher = h.ctx.teacher()
+    assert dict(teacher.named_parameters())[frozen] is params[frozen]  # shared, not copied
+    assert dict(teacher.named_parameters())[name] is not params[name]
+    with torch.no_grad():
+        params[name].add_(0.5 * torch.randn_like(params[name]))
+    terms = lwf.loss_terms(h.ctx, batch, h.model(batch))
+    assert float(terms["kd_text"]) > 1e-6
+    terms["kd_text"].backward()
+    assert params[name].grad is not None
+    h.model.zero_grad(set_to_none=True)
+    # the step counter is state: a resumed stage draws the same prompts
+    lwf.after_step(h.ctx, s1, 3)
+    again = LwF(text_pool="t.json", text_samples=3)
+    again.load_state_dict(checkpoint_roundtrip({"lwf": lwf.state_dict()}, tmp_path)["lwf"])
+    again._pool = pool
+    assert torch.equal(again._text_batch(h.ctx)["input_ids"], lwf._text_batch(h.ctx)["input_ids"])
+    both = LwF(distill="text+answers", text_pool="t.json")
+    both._pool = pool
+    assert set(both.loss_terms(h.ctx, batch, h.model(batch))) == {"kd", "kd_text"}
+
+
+def test_lwf_text_pool_falls_back_to_text_stages_and_errors_when_empty():
+    h = Harness([LwF()], stages=(VEC, None, SEQ))
+    assert {s.id for s in h.methods[0]._text_pool(h.ctx)} == {s.id for s in h.stages[1].train_samples}
+    empty = Harness([LwF()])
+    with pytest.raises(ValueError, match="no text-only prompts"):
+        empty.methods[0]._text_pool(empty.ctx)
+
+
+def test_teacher_source_shares_frozen_weights_and_keeps_stage_start_values():
+    h = Harness()
+    s0 = h.stages[0]
+    _, names = h.begin(s0)
+    before = h.loss(s0)
+    h.train(s0, steps=3, lr=2e-2)
+    assert h.loss(s0) != pytest.approx(before)
+    teacher = h.ctx.teacher()
+    t_params, params = dict(teacher.named_parameters()), dict(h.model.named_parameters())
+    for k, p in params.items():
+        assert (t_params[k] is p) == (k not in names), k
+    assert not any(p.requires_grad for k, p in t_params.items() if k in names)
+    with torch.no_grad():
+        batch = h.collate(s0.test_samples, train=True)
+        assert float(teacher(batch).loss) == pytest.approx(before, rel=1e-6)
+    # rebuilt on resume from the saved stage-start values: the same teacher
+    again = TeacherSource(h.model)
+    again.seal(names, saved=h.ctx._teacher.tensors())
+    with torch.no_grad():
+        assert float(again.get()(batch).loss) == pytest.approx(before, rel=1e-6)
+    with pytest.raises(KeyError, match="lack trainable"):
+        TeacherSource(h.model).seal(names | {"connector.shared.0.bias"}, saved={})
 
 
 # ==================================================================================================
@@ -650,7 +748,7 @@ def test_compatible_combinations_are_accepted(combo):
 
 
 def test_replay_with_ewc_and_lwf_compose_in_training():
-    h = Harness([Replay(ratio=0.5), EWC(fisher_samples=2), LwF()])
+    h = Harness([Replay(ratio=0.5), EWC(fisher_samples=2), LwF(distill="answers")])
     logged = {}
 
     class Logger:
@@ -706,3 +804,4 @@ def test_joint_and_replay_train_the_parts_of_every_modality_they_mix_in():
     replay.after_stage(ctx, stages[0])
     ctx.stage = stages[1]
     assert "connector.input_layers.image.weight" in replay.trainable(ctx, stages[1], set(own))
+
