@@ -805,3 +805,85 @@ def test_joint_and_replay_train_the_parts_of_every_modality_they_mix_in():
     ctx.stage = stages[1]
     assert "connector.input_layers.image.weight" in replay.trainable(ctx, stages[1], set(own))
 
+
+# ==================================================================================================
+# ewc: the Fisher against a hand computation
+# ==================================================================================================
+class _TableLM(torch.nn.Module):
+    """logits[b, t] = W[input_ids[b, t]]: d(-log softmax(W[x])[y]) / dW[x] = softmax(W[x]) - e_y."""
+
+    def __init__(self, vocab=5):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)))
+        self.forwards = 0
+
+    def forward(self, batch):
+        from types import SimpleNamespace
+
+        self.forwards += 1
+        return SimpleNamespace(logits=self.W[batch["input_ids"]], loss=None)
+
+
+def _hand_fisher(W, samples):
+    fisher = torch.zeros_like(W)
+    for ids, labels in samples:
+        g = torch.zeros_like(W)
+        for t in range(len(ids) - 1):
+            y = labels[t + 1]
+            if y == -100:
+                continue
+            p = torch.softmax(W[ids[t]], dim=-1)
+            p[y] -= 1.0
+            g[ids[t]] += p  # summed over the sample's answer tokens
+        fisher += g ** 2
+    return fisher / len(samples)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_ewc_fisher_is_per_sample_on_summed_answer_loglik(batch_size):
+    """A short and a long answer: the Fisher is the mean over samples of (grad of the summed
+    log-likelihood)^2, computed by hand, whatever the forward batch size; the pass goes through
+    the methods' before_forward (ctx.forward)."""
+    model = _TableLM()
+    data = [([0, 1, 2, 3], [-100, -100, 2, 3]), ([4, 0, 0, 0], [-100, -100, -100, 1]),
+            ([1, 1, 3, 4], [-100, 1, 3, 4])]
+    routed = []
+
+    def make_loader(samples, mode="eval", batch_size=16):
+        for start in range(0, len(samples), batch_size):
+            part = samples[start:start + batch_size]
+            yield {"input_ids": torch.tensor([data[s.index][0] for s in part]),
+                   "labels": torch.tensor([data[s.index][1] for s in part])}
+
+    stage = Stage(0, "s0", None, train_samples=_samples(None, 3, "f"))
+    ctx = MethodContext(model=model, recipe={}, stages=[stage], dist=Dist(), output_dir=Path("."),
+                        seed=0, stage=stage, make_loader=make_loader,
+                        before_forward=lambda batch: routed.append(len(batch["input_ids"])))
+    ewc = EWC(fisher_samples=None, fisher_batch_size=batch_size)
+    fisher = ewc._fisher(ctx, stage, {"W": model.W})["W"]
+    expected = _hand_fisher(model.W.detach(), [data[s.index] for s in stage.train_samples])
+    assert torch.allclose(fisher, expected, atol=1e-6)
+    assert sum(routed) == 3 and model.forwards == len(routed)
+    # the token-mean gradient (the old estimate) gives a different Fisher: short answers weighed more
+    mean_fisher = torch.zeros_like(fisher)
+    for ids, labels in data:
+        out = model({"input_ids": torch.tensor([ids])}).logits
+        loss = torch.nn.functional.cross_entropy(out[0, :-1], torch.tensor(labels[1:]), ignore_index=-100)
+        (g,) = torch.autograd.grad(loss, [model.W])
+        mean_fisher += g ** 2 / 3
+    assert not torch.allclose(mean_fisher, expected, atol=1e-4)
+
+
+def test_ewc_offload_keeps_importance_in_cpu_memory(tmp_path):
+    h = Harness([EWC(fisher_samples=2, offload=True)])
+    ewc = h.methods[0]
+    h.run_stage(h.stages[0], steps=1)
+    pen = ewc.penalties[0]
+    assert all(t.device.type == "cpu" for t in [*pen["fisher"].values(), *pen["anchor"].values()])
+    h.begin(h.stages[1])
+    batch = h.collate(h.stages[1].train_samples[:2])
+    terms = ewc.loss_terms(h.ctx, batch, None)
+    plain = EWC(fisher_samples=2)
+    plain.load_state_dict(checkpoint_roundtrip({"ewc": ewc.state_dict()}, tmp_path)["ewc"])
+    assert float(plain.loss_terms(h.ctx, batch, None)["penalty"]) == pytest.approx(
+        float(terms["penalty"]), abs=1e-12)
