@@ -7,6 +7,7 @@ The harness mirrors ``Runner.run`` (before_stage -> train_samples -> trainable -
 
 from __future__ import annotations
 
+import inspect
 import json
 import zlib
 from pathlib import Path
@@ -594,7 +595,7 @@ def test_expansion_connector_adapters_trainable_sets_and_isolation():
     with torch.no_grad():
         assert torch.equal(h.model.project(VEC, _vec_features(), "features"), vec_after0)
         assert float(h.model.connector.expansion.adapters["stage1"].up.weight.abs().sum()) > 0
-    assert e.routes == {VEC: "stage0", SEQ: "stage1"}
+    assert e.routes == {VEC: ["stage0"], SEQ: ["stage1"]}
 
 
 def test_expansion_routes_per_modality_and_teacher_has_its_own_adapters():
@@ -634,7 +635,7 @@ def test_expansion_state_recreates_adapters_and_accepts_weights(tmp_path):
     # the usual resume: a rebuilt Session runs setup (all adapters), then restore
     fresh = Harness([Expansion(rank=4)])
     restore(fresh, states, weights)
-    assert fresh.methods[0].routes == {VEC: "stage0", SEQ: "stage1"}
+    assert fresh.methods[0].routes == {VEC: ["stage0"], SEQ: ["stage1"]}
     assert [fresh.loss(st) for st in fresh.stages] == pytest.approx(losses, rel=1e-6)
 
     # a model whose setup knew fewer stages: load_state_dict re-creates the missing adapter
@@ -661,12 +662,71 @@ def test_expansion_returning_modality_starts_from_its_previous_adapter():
     stack = h.model.connector.expansion
     e.before_stage(h.ctx, h.stages[2])
     assert torch.equal(stack.adapters["stage2"].up.weight, stack.adapters["stage0"].up.weight)
-    assert e.routes[VEC] == "stage2"
+    assert e.routes[VEC] == ["stage0", "stage2"]  # the earlier adapter stays routable
     # before_stage again (a resumed stage) does not copy over the adapter being trained
     with torch.no_grad():
         stack.adapters["stage2"].up.weight.add_(1.0)
     e.before_stage(h.ctx, h.stages[2])
     assert not torch.equal(stack.adapters["stage2"].up.weight, stack.adapters["stage0"].up.weight)
+
+
+def _two_distributions(sample_id, modality):
+    """VEC inputs of stage 0 / test set 0 and of stage 2 / test set 2 come from different
+    distributions (the same modality returning with other data)."""
+    x = 0.3 * _plain_media_tensor(sample_id, modality)
+    if modality == VEC and sample_id.split("-")[0] in ("s2", "t2"):
+        x[3:] += 2.0
+    elif modality == VEC:
+        x[:3] += 2.0
+    return x
+
+
+_plain_media_tensor = _media_tensor
+
+
+def test_expansion_returning_modality_keeps_its_earlier_adapter_reachable(monkeypatch):
+    """image -> video -> image again: both image adapters stay; each item is routed to the stage
+    whose data its own features resemble, so stage 0's behaviour survives stage 2 exactly."""
+    from mil_plugins.methods.expansion import choose_adapters
+
+    monkeypatch.setitem(globals(), "_media_tensor", _two_distributions)
+    h = Harness([Expansion()], stages=(VEC, SEQ, VEC))
+    e, stack = h.methods[0], h.model.connector.expansion
+    s0, s1, s2 = h.stages
+    h.run_stage(s0, steps=3, lr=2e-2)
+    loss0 = h.loss(s0)
+    h.run_stage(s1, steps=2, lr=2e-2)
+    h.begin(s2)
+    assert stack.forced == {VEC: "stage2"}  # its own stage's samples train the new adapter
+    h.train(s2, steps=3, lr=5e-2)
+    h.end(s2)
+    assert e.routes[VEC] == ["stage0", "stage2"] and not stack.forced
+    assert set(e.descriptors) == {"stage0", "stage1", "stage2"}
+    assert not torch.equal(stack.adapters["stage2"].up.weight, stack.adapters["stage0"].up.weight)
+
+    def routed(samples):
+        batch = h.collate(samples, train=False)
+        with torch.no_grad():
+            h.model.project(VEC, batch["media"][VEC], batch["media_kind"][VEC])
+        return list(stack.choice)
+
+    assert routed(s0.test_samples) == ["stage0"] * 4
+    assert routed(s2.test_samples) == ["stage2"] * 4
+    mixed = [s0.test_samples[0], s2.test_samples[0], s0.test_samples[1]]
+    assert routed(mixed) == ["stage0", "stage2", "stage0"]  # per item, in one batch
+    assert h.loss(s0) == pytest.approx(loss0, rel=1e-6)  # the old adapter is still the one used
+
+    # routing reads the input only: another stage, other task labels, other modality lists give
+    # the same choice and the same predictions
+    batch = h.collate(mixed)
+    with torch.no_grad():
+        ref = h.model(batch).logits
+        h.ctx.stage = s1
+        batch["tasks"] = ["other"] * 3
+        batch["ids"] = ["x", "y", "z"]
+        assert torch.equal(h.model(batch).logits, ref)
+    params = list(inspect.signature(choose_adapters).parameters)
+    assert params == ["features", "keys", "descriptors"]
 
 
 def test_expansion_lora_target_routing_and_isolation(tmp_path):
