@@ -729,6 +729,27 @@ def test_expansion_returning_modality_keeps_its_earlier_adapter_reachable(monkey
     assert params == ["features", "keys", "descriptors"]
 
 
+def test_expansion_lora_target_routes_a_returning_modality_from_its_features(monkeypatch):
+    monkeypatch.setitem(globals(), "_media_tensor", _two_distributions)
+    h = Harness([Expansion()], lora=LORA, trainable=("lora",), stages=(VEC, SEQ, VEC))
+    e = h.methods[0]
+    s0, s1, s2 = h.stages
+    h.run_stage(s0, steps=3, lr=2e-2)
+    loss0 = h.loss(s0)
+    h.run_stage(s1, steps=1)
+    h.run_stage(s2, steps=3, lr=5e-2)
+    assert e.routes[VEC] == ["stage0", "stage2"]
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layer = next(m for m in h.model.llm.modules() if isinstance(m, BaseTunerLayer))
+    e.before_forward(h.ctx, h.collate(s2.test_samples))
+    assert list(layer.active_adapters) == ["default", "stage2"]
+    e.before_forward(h.ctx, h.collate(s0.test_samples))
+    assert list(layer.active_adapters) == ["default", "stage0"]
+    assert h.loss(s0) == pytest.approx(loss0, rel=1e-6)
+    with pytest.raises(ValueError, match="mixes"):
+        e.before_forward(h.ctx, h.collate([s0.test_samples[0], s2.test_samples[0]]))
+
+
 def test_expansion_lora_target_routing_and_isolation(tmp_path):
     h = Harness([Expansion()], lora=LORA, trainable=("lora",))
     e = h.methods[0]
