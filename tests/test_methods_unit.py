@@ -7,6 +7,7 @@ The harness mirrors ``Runner.run`` (before_stage -> train_samples -> trainable -
 
 from __future__ import annotations
 
+import inspect
 import json
 import zlib
 from pathlib import Path
@@ -30,6 +31,7 @@ from mil_plugins.methods.finetune import Finetune
 from mil_plugins.methods.joint import Joint
 from mil_plugins.methods.lwf import LwF, distill_kl
 from mil_plugins.methods.replay import Replay
+from mil_plugins.methods.teacher import TeacherSource
 from mil_plugins.model.build import build_model
 
 VEC, SEQ = VecPlugin.name, SeqPlugin.name
@@ -118,9 +120,9 @@ class Harness:
     # ---- the Runner's stage sequence ----------------------------------------------------------
     def begin(self, stage):
         self.ctx.stage = stage
-        self.ctx._teacher = lazy_frozen_copy(self.model)
         for m in self.methods:
             m.before_stage(self.ctx, stage)
+        self.ctx._teacher = TeacherSource(self.model)  # as the engine: after before_stage
         samples = list(stage.train_samples)
         for m in self.methods:
             samples = m.train_samples(self.ctx, stage, samples)
@@ -129,6 +131,7 @@ class Harness:
             names = set(m.trainable(self.ctx, stage, set(names)))
         self.last_samples, self.last_names = samples, names
         apply_trainable(self.model, names)
+        self.ctx._teacher.seal(names)  # as the engine: just before training
         self.ever_trained |= names
         return samples, names
 
@@ -419,7 +422,7 @@ def test_distill_kl_uses_answer_positions_only():
 
 
 def test_lwf_absent_first_stage_then_distils_teacher():
-    h = Harness([LwF(T=2.0, alpha=0.5)])
+    h = Harness([LwF(T=2.0, alpha=0.5, distill="answers")])
     lwf = h.methods[0]
     s0, s1 = h.stages
     h.begin(s0)
@@ -443,6 +446,102 @@ def test_lwf_absent_first_stage_then_distils_teacher():
     assert lwf.state_dict() == {}
     with pytest.raises(ValueError, match="T must be"):
         LwF(T=0)
+    with pytest.raises(ValueError, match="distill"):
+        LwF(distill="logits")
+
+
+def _text_harness(**options):
+    h = Harness([LwF(**options)], lora=LORA, trainable=("connector", "lora"))
+    pool = _samples(None, 12, "txt")
+    h.ctx.load_samples = lambda manifest, root=None, limit=None: pool if manifest == "t.json" else []
+    return h, pool
+
+
+def test_masked_kl_zero_for_equal_logits_and_masked_positions_ignored():
+    from mil_plugins.methods.lwf import masked_kl
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert float(masked_kl(t, t, mask, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    base = float(masked_kl(s, t, mask, 2.0))
+    s2 = s.clone()
+    s2[0, 0, 0] += 5.0  # padding: ignored
+    assert float(masked_kl(s2, t, mask, 2.0)) == pytest.approx(base)
+    s2[1, 1, 0] += 5.0
+    assert float(masked_kl(s2, t, mask, 2.0)) != pytest.approx(base)
+
+
+def test_lwf_text_distillation_on_text_prompts_zero_when_teacher_is_student(tmp_path):
+    h, pool = _text_harness(T=2.0, text_pool="t.json", text_samples=3)
+    lwf = h.methods[0]
+    s0, s1 = h.stages
+    h.run_stage(s0, steps=2)
+    h.begin(s1)
+    batch = h.collate(s1.train_samples[:4])
+    terms = lwf.loss_terms(h.ctx, batch, h.model(batch))
+    assert set(terms) == {"kd_text"}  # the new task's answer positions are not distilled
+    assert float(terms["kd_text"]) == pytest.approx(0.0, abs=1e-6)  # teacher == student
+    # the prompts are text-only samples of the pool, drawn by (seed, stage, step)
+    drawn = lwf._text_batch(h.ctx)
+    assert drawn["input_ids"].shape[0] == 3 and not drawn.get("media")
+    assert torch.equal(drawn["input_ids"], lwf._text_batch(h.ctx)["input_ids"])
+    # a change of what the stage trains in the LLM (text prompts go through it) is penalised and
+    # gets gradients; the teacher shares the frozen weights, keeps its own copy of the trained ones
+    params = dict(h.model.named_parameters())
+    name = next(k for k in sorted(h.last_names) if ".lora_B." in k)
+    frozen = next(k for k in params if k not in h.last_names and k.startswith("llm."))
+    teacher = h.ctx.teacher()
+    assert dict(teacher.named_parameters())[frozen] is params[frozen]  # shared, not copied
+    assert dict(teacher.named_parameters())[name] is not params[name]
+    with torch.no_grad():
+        params[name].add_(0.5 * torch.randn_like(params[name]))
+    terms = lwf.loss_terms(h.ctx, batch, h.model(batch))
+    assert float(terms["kd_text"]) > 1e-6
+    terms["kd_text"].backward()
+    assert params[name].grad is not None
+    h.model.zero_grad(set_to_none=True)
+    # the step counter is state: a resumed stage draws the same prompts
+    lwf.after_step(h.ctx, s1, 3)
+    again = LwF(text_pool="t.json", text_samples=3)
+    again.load_state_dict(checkpoint_roundtrip({"lwf": lwf.state_dict()}, tmp_path)["lwf"])
+    again._pool = pool
+    assert torch.equal(again._text_batch(h.ctx)["input_ids"], lwf._text_batch(h.ctx)["input_ids"])
+    both = LwF(distill="text+answers", text_pool="t.json")
+    both._pool = pool
+    assert set(both.loss_terms(h.ctx, batch, h.model(batch))) == {"kd", "kd_text"}
+
+
+def test_lwf_text_pool_falls_back_to_text_stages_and_errors_when_empty():
+    h = Harness([LwF()], stages=(VEC, None, SEQ))
+    assert {s.id for s in h.methods[0]._text_pool(h.ctx)} == {s.id for s in h.stages[1].train_samples}
+    empty = Harness([LwF()])
+    with pytest.raises(ValueError, match="no text-only prompts"):
+        empty.methods[0]._text_pool(empty.ctx)
+
+
+def test_teacher_source_shares_frozen_weights_and_keeps_stage_start_values():
+    h = Harness()
+    s0 = h.stages[0]
+    _, names = h.begin(s0)
+    before = h.loss(s0)
+    h.train(s0, steps=3, lr=2e-2)
+    assert h.loss(s0) != pytest.approx(before)
+    teacher = h.ctx.teacher()
+    t_params, params = dict(teacher.named_parameters()), dict(h.model.named_parameters())
+    for k, p in params.items():
+        assert (t_params[k] is p) == (k not in names), k
+    assert not any(p.requires_grad for k, p in t_params.items() if k in names)
+    with torch.no_grad():
+        batch = h.collate(s0.test_samples, train=True)
+        assert float(teacher(batch).loss) == pytest.approx(before, rel=1e-6)
+    # rebuilt on resume from the saved stage-start values: the same teacher
+    again = TeacherSource(h.model)
+    again.seal(names, saved=h.ctx._teacher.tensors())
+    with torch.no_grad():
+        assert float(again.get()(batch).loss) == pytest.approx(before, rel=1e-6)
+    with pytest.raises(KeyError, match="lack trainable"):
+        TeacherSource(h.model).seal(names | {"connector.shared.0.bias"}, saved={})
 
 
 # ==================================================================================================
@@ -496,7 +595,7 @@ def test_expansion_connector_adapters_trainable_sets_and_isolation():
     with torch.no_grad():
         assert torch.equal(h.model.project(VEC, _vec_features(), "features"), vec_after0)
         assert float(h.model.connector.expansion.adapters["stage1"].up.weight.abs().sum()) > 0
-    assert e.routes == {VEC: "stage0", SEQ: "stage1"}
+    assert e.routes == {VEC: ["stage0"], SEQ: ["stage1"]}
 
 
 def test_expansion_routes_per_modality_and_teacher_has_its_own_adapters():
@@ -536,7 +635,7 @@ def test_expansion_state_recreates_adapters_and_accepts_weights(tmp_path):
     # the usual resume: a rebuilt Session runs setup (all adapters), then restore
     fresh = Harness([Expansion(rank=4)])
     restore(fresh, states, weights)
-    assert fresh.methods[0].routes == {VEC: "stage0", SEQ: "stage1"}
+    assert fresh.methods[0].routes == {VEC: ["stage0"], SEQ: ["stage1"]}
     assert [fresh.loss(st) for st in fresh.stages] == pytest.approx(losses, rel=1e-6)
 
     # a model whose setup knew fewer stages: load_state_dict re-creates the missing adapter
@@ -563,12 +662,92 @@ def test_expansion_returning_modality_starts_from_its_previous_adapter():
     stack = h.model.connector.expansion
     e.before_stage(h.ctx, h.stages[2])
     assert torch.equal(stack.adapters["stage2"].up.weight, stack.adapters["stage0"].up.weight)
-    assert e.routes[VEC] == "stage2"
+    assert e.routes[VEC] == ["stage0", "stage2"]  # the earlier adapter stays routable
     # before_stage again (a resumed stage) does not copy over the adapter being trained
     with torch.no_grad():
         stack.adapters["stage2"].up.weight.add_(1.0)
     e.before_stage(h.ctx, h.stages[2])
     assert not torch.equal(stack.adapters["stage2"].up.weight, stack.adapters["stage0"].up.weight)
+
+
+def _two_distributions(sample_id, modality):
+    """VEC inputs of stage 0 / test set 0 and of stage 2 / test set 2 come from different
+    distributions (the same modality returning with other data)."""
+    x = 0.3 * _plain_media_tensor(sample_id, modality)
+    if modality == VEC and sample_id.split("-")[0] in ("s2", "t2"):
+        x[3:] += 2.0
+    elif modality == VEC:
+        x[:3] += 2.0
+    return x
+
+
+_plain_media_tensor = _media_tensor
+
+
+def test_expansion_returning_modality_keeps_its_earlier_adapter_reachable(monkeypatch):
+    """image -> video -> image again: both image adapters stay; each item is routed to the stage
+    whose data its own features resemble, so stage 0's behaviour survives stage 2 exactly."""
+    from mil_plugins.methods.expansion import choose_adapters
+
+    monkeypatch.setitem(globals(), "_media_tensor", _two_distributions)
+    h = Harness([Expansion()], stages=(VEC, SEQ, VEC))
+    e, stack = h.methods[0], h.model.connector.expansion
+    s0, s1, s2 = h.stages
+    h.run_stage(s0, steps=3, lr=2e-2)
+    loss0 = h.loss(s0)
+    h.run_stage(s1, steps=2, lr=2e-2)
+    h.begin(s2)
+    assert stack.forced == {VEC: "stage2"}  # its own stage's samples train the new adapter
+    h.train(s2, steps=3, lr=5e-2)
+    h.end(s2)
+    assert e.routes[VEC] == ["stage0", "stage2"] and not stack.forced
+    assert set(e.descriptors) == {"stage0", "stage1", "stage2"}
+    assert not torch.equal(stack.adapters["stage2"].up.weight, stack.adapters["stage0"].up.weight)
+
+    def routed(samples):
+        batch = h.collate(samples, train=False)
+        with torch.no_grad():
+            h.model.project(VEC, batch["media"][VEC], batch["media_kind"][VEC])
+        return list(stack.choice)
+
+    assert routed(s0.test_samples) == ["stage0"] * 4
+    assert routed(s2.test_samples) == ["stage2"] * 4
+    mixed = [s0.test_samples[0], s2.test_samples[0], s0.test_samples[1]]
+    assert routed(mixed) == ["stage0", "stage2", "stage0"]  # per item, in one batch
+    assert h.loss(s0) == pytest.approx(loss0, rel=1e-6)  # the old adapter is still the one used
+
+    # routing reads the input only: another stage, other task labels, other modality lists give
+    # the same choice and the same predictions
+    batch = h.collate(mixed)
+    with torch.no_grad():
+        ref = h.model(batch).logits
+        h.ctx.stage = s1
+        batch["tasks"] = ["other"] * 3
+        batch["ids"] = ["x", "y", "z"]
+        assert torch.equal(h.model(batch).logits, ref)
+    params = list(inspect.signature(choose_adapters).parameters)
+    assert params == ["features", "keys", "descriptors"]
+
+
+def test_expansion_lora_target_routes_a_returning_modality_from_its_features(monkeypatch):
+    monkeypatch.setitem(globals(), "_media_tensor", _two_distributions)
+    h = Harness([Expansion()], lora=LORA, trainable=("lora",), stages=(VEC, SEQ, VEC))
+    e = h.methods[0]
+    s0, s1, s2 = h.stages
+    h.run_stage(s0, steps=3, lr=2e-2)
+    loss0 = h.loss(s0)
+    h.run_stage(s1, steps=1)
+    h.run_stage(s2, steps=3, lr=5e-2)
+    assert e.routes[VEC] == ["stage0", "stage2"]
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layer = next(m for m in h.model.llm.modules() if isinstance(m, BaseTunerLayer))
+    e.before_forward(h.ctx, h.collate(s2.test_samples))
+    assert list(layer.active_adapters) == ["default", "stage2"]
+    e.before_forward(h.ctx, h.collate(s0.test_samples))
+    assert list(layer.active_adapters) == ["default", "stage0"]
+    assert h.loss(s0) == pytest.approx(loss0, rel=1e-6)
+    with pytest.raises(ValueError, match="mixes"):
+        e.before_forward(h.ctx, h.collate([s0.test_samples[0], s2.test_samples[0]]))
 
 
 def test_expansion_lora_target_routing_and_isolation(tmp_path):
@@ -650,7 +829,7 @@ def test_compatible_combinations_are_accepted(combo):
 
 
 def test_replay_with_ewc_and_lwf_compose_in_training():
-    h = Harness([Replay(ratio=0.5), EWC(fisher_samples=2), LwF()])
+    h = Harness([Replay(ratio=0.5), EWC(fisher_samples=2), LwF(distill="answers")])
     logged = {}
 
     class Logger:
@@ -706,3 +885,86 @@ def test_joint_and_replay_train_the_parts_of_every_modality_they_mix_in():
     replay.after_stage(ctx, stages[0])
     ctx.stage = stages[1]
     assert "connector.input_layers.image.weight" in replay.trainable(ctx, stages[1], set(own))
+
+
+# ==================================================================================================
+# ewc: the Fisher against a hand computation
+# ==================================================================================================
+class _TableLM(torch.nn.Module):
+    """logits[b, t] = W[input_ids[b, t]]: d(-log softmax(W[x])[y]) / dW[x] = softmax(W[x]) - e_y."""
+
+    def __init__(self, vocab=5):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)))
+        self.forwards = 0
+
+    def forward(self, batch):
+        from types import SimpleNamespace
+
+        self.forwards += 1
+        return SimpleNamespace(logits=self.W[batch["input_ids"]], loss=None)
+
+
+def _hand_fisher(W, samples):
+    fisher = torch.zeros_like(W)
+    for ids, labels in samples:
+        g = torch.zeros_like(W)
+        for t in range(len(ids) - 1):
+            y = labels[t + 1]
+            if y == -100:
+                continue
+            p = torch.softmax(W[ids[t]], dim=-1)
+            p[y] -= 1.0
+            g[ids[t]] += p  # summed over the sample's answer tokens
+        fisher += g ** 2
+    return fisher / len(samples)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_ewc_fisher_is_per_sample_on_summed_answer_loglik(batch_size):
+    """A short and a long answer: the Fisher is the mean over samples of (grad of the summed
+    log-likelihood)^2, computed by hand, whatever the forward batch size; the pass goes through
+    the methods' before_forward (ctx.forward)."""
+    model = _TableLM()
+    data = [([0, 1, 2, 3], [-100, -100, 2, 3]), ([4, 0, 0, 0], [-100, -100, -100, 1]),
+            ([1, 1, 3, 4], [-100, 1, 3, 4])]
+    routed = []
+
+    def make_loader(samples, mode="eval", batch_size=16):
+        for start in range(0, len(samples), batch_size):
+            part = samples[start:start + batch_size]
+            yield {"input_ids": torch.tensor([data[s.index][0] for s in part]),
+                   "labels": torch.tensor([data[s.index][1] for s in part])}
+
+    stage = Stage(0, "s0", None, train_samples=_samples(None, 3, "f"))
+    ctx = MethodContext(model=model, recipe={}, stages=[stage], dist=Dist(), output_dir=Path("."),
+                        seed=0, stage=stage, make_loader=make_loader,
+                        before_forward=lambda batch: routed.append(len(batch["input_ids"])))
+    ewc = EWC(fisher_samples=None, fisher_batch_size=batch_size)
+    fisher = ewc._fisher(ctx, stage, {"W": model.W})["W"]
+    expected = _hand_fisher(model.W.detach(), [data[s.index] for s in stage.train_samples])
+    assert torch.allclose(fisher, expected, atol=1e-6)
+    assert sum(routed) == 3 and model.forwards == len(routed)
+    # the token-mean gradient (the old estimate) gives a different Fisher: short answers weighed more
+    mean_fisher = torch.zeros_like(fisher)
+    for ids, labels in data:
+        out = model({"input_ids": torch.tensor([ids])}).logits
+        loss = torch.nn.functional.cross_entropy(out[0, :-1], torch.tensor(labels[1:]), ignore_index=-100)
+        (g,) = torch.autograd.grad(loss, [model.W])
+        mean_fisher += g ** 2 / 3
+    assert not torch.allclose(mean_fisher, expected, atol=1e-4)
+
+
+def test_ewc_offload_keeps_importance_in_cpu_memory(tmp_path):
+    h = Harness([EWC(fisher_samples=2, offload=True)])
+    ewc = h.methods[0]
+    h.run_stage(h.stages[0], steps=1)
+    pen = ewc.penalties[0]
+    assert all(t.device.type == "cpu" for t in [*pen["fisher"].values(), *pen["anchor"].values()])
+    h.begin(h.stages[1])
+    batch = h.collate(h.stages[1].train_samples[:2])
+    terms = ewc.loss_terms(h.ctx, batch, None)
+    plain = EWC(fisher_samples=2)
+    plain.load_state_dict(checkpoint_roundtrip({"ewc": ewc.state_dict()}, tmp_path)["ewc"])
+    assert float(plain.loss_terms(h.ctx, batch, None)["penalty"]) == pytest.approx(
+        float(terms["penalty"]), abs=1e-12)

@@ -25,8 +25,13 @@ from mil_plugins.engine.rundir import RunFolder
 from mil_plugins.engine.session import Session
 from mil_plugins.engine.trainable import apply_trainable, group_names
 from mil_plugins.evaluate import predict, score_predictions
-from mil_plugins.methods.context import Stage, lazy_frozen_copy
+from mil_plugins.methods.context import Stage
+from mil_plugins.methods.teacher import TeacherSource
 from mil_plugins.recipe import load_recipe
+
+
+#: where a mid-stage checkpoint keeps the teacher's stage-start weights (beside the methods' states)
+TEACHER_KEY = "_teacher"
 
 
 def _stage_lr(stage_cfg: dict, train: dict, key: str):
@@ -78,6 +83,7 @@ class Runner:
             "seconds": [None] * len(stages), "ever_trained": [], "deepspeed_tag": None,
         }
         self.resume_optimizer = None
+        self.resume_teacher = None  # stage-start weights of a mid-stage checkpoint's teacher
         if loaded is not None:
             self._resume(loaded)
 
@@ -110,6 +116,7 @@ class Runner:
         self.session.restore(loaded)
         self.state = loaded["state"]
         self.resume_optimizer = loaded["optimizer"]
+        self.resume_teacher = (loaded["methods"] or {}).get(TEACHER_KEY)
         if self.dist.is_main:
             where = (f"stage {self.state['in_stage']} step {self.state['step']}"
                      if self.state["in_stage"] is not None else
@@ -119,8 +126,12 @@ class Runner:
     def _save(self, path: Path, optimizer_state: dict | None = None) -> None:
         if not self.dist.is_main:
             return
+        methods = self.session.method_states()
+        source = self.ctx._teacher
+        if self.state["in_stage"] is not None and isinstance(source, TeacherSource) and source.sealed:
+            methods[TEACHER_KEY] = source.tensors()  # a resumed stage distils the same teacher
         ckpt.write_checkpoint(path, weights=self.session.trained_weights(set(self.state["ever_trained"])),
-                              methods=self.session.method_states(), state=self.state,
+                              methods=methods, state=self.state,
                               recipe=self.recipe, tokenizer=self.session.tokenizer,
                               optimizer_state=optimizer_state, data=self.data_fingerprint)
 
@@ -150,6 +161,13 @@ class Runner:
                 f"({'deepspeed tools/train.py' if ds_tag else 'python tools/train.py'} ... --resume)")
         ds_dir = self.ckpt_root / "deepspeed"
         self.resume_optimizer = None
+        if isinstance(self.ctx._teacher, TeacherSource):
+            saved = self.resume_teacher if resuming else None
+            if resuming and saved is None and self.dist.is_main:
+                print(f"[mil] --resume: {self.ckpt_root / 'last'} holds no stage-start teacher "
+                      f"weights (written by an older version); the teacher is the resumed model")
+            self.ctx._teacher.seal(names, saved=saved)  # before the first step moves the weights
+        self.resume_teacher = None
 
         def on_checkpoint(step, optimizer, scheduler, backend):
             self.state.update(in_stage=plan.key, step=step)
@@ -222,8 +240,12 @@ class Runner:
             self.ctx.stage = stage
             self.session.fit_standardizer(stage)  # before the teacher copy: both see it
             self.hooks.before_stage(stage)
-            # after before_stage, so modules a method just added (zero-initialised) exist in it too
-            self.ctx._teacher = lazy_frozen_copy(self.model)
+            # after before_stage, so modules a method just added (zero-initialised) exist in it too;
+            # only when a method distils from it (finetune & co. keep no copy of the model)
+            self.ctx._teacher = TeacherSource(self.model) if self.hooks.uses_teacher else None
+            if self.ctx._teacher is not None and self.state["in_stage"] == stage.name \
+                    and self.resume_teacher is not None:
+                self.ctx._teacher.seal(self.resume_teacher, saved=self.resume_teacher)
             samples = self.hooks.train_samples(stage, list(stage.train_samples))
             names = group_names(self.model, cfg["trainable"] or train["trainable"], stage.modality)
             names = self.hooks.trainable(stage, set(names))

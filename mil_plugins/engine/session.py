@@ -58,6 +58,9 @@ class Session:
                                  output_dir=self.out, seed=self.seed, make_loader=self.make_loader,
                                  resolve_groups=functools.partial(group_names, self.model))
         self.hooks = MethodHooks(self.methods, self.ctx)
+        self.ctx.precision = recipe["train"].get("precision", "fp32")
+        self.ctx.before_forward = self.hooks.before_forward
+        self.ctx.load_samples = self.load_samples
         seed_everything(self.seed + 1)
         self.hooks.setup()
         self.model.to(dist.device)

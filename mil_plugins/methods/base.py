@@ -47,6 +47,8 @@ class Method:
     default_options: ClassVar[dict[str, Any]] = {}
     #: other method names this one cannot be combined with, and why
     conflicts: ClassVar[dict[str, str]] = {}
+    #: True if the method calls ``ctx.teacher()``: only then does the engine keep a teacher
+    uses_teacher: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         self.options: dict[str, Any] = merge_options("method", self.name, self.default_options,

@@ -41,19 +41,42 @@ class MethodContext:
     #: (groups, modality) -> parameter names of the recipe's trainable groups (``llm``,
     #: ``connector``, ...) resolved for ``modality``; set by the engine
     resolve_groups: Callable[[Any, str | None], set[str]] | None = None
+    #: (manifest, root=None, limit=None) -> samples of a LLaVA-JSON file (relative paths: under
+    #: ``data.root``); set by the engine
+    load_samples: Callable[..., list] | None = None
+    #: ``train.precision`` of the recipe (``fp32`` | ``bf16`` | ``fp16``): see :meth:`forward`
+    precision: str = "fp32"
+    #: the dispatcher's ``before_forward`` (every method's routing); set by the engine
+    before_forward: Callable[[dict], None] | None = None
+    #: a :class:`~mil_plugins.methods.teacher.TeacherSource` while a stage trains, when a method
+    #: declares ``uses_teacher`` (or a zero-argument callable building the teacher)
     _teacher: Any = None
 
-    def snapshot_teacher(self) -> None:
-        """Freeze a copy of the model as it is now (called by the engine before each stage)."""
-        self._teacher = None
-
     def teacher(self):
-        """The model as it was before the current stage, frozen, in eval mode (built on first use)."""
+        """The model as it was before the current stage, frozen, in eval mode (built on first use;
+        frozen parameters are shared with ``model``). Only for methods with ``uses_teacher = True``."""
         if self._teacher is None:
-            raise RuntimeError("teacher() is only available while a stage is being trained")
+            raise RuntimeError("teacher() is only available while a stage is being trained, to a "
+                               "method that declares uses_teacher = True")
+        if hasattr(self._teacher, "get"):
+            return self._teacher.get()
         if callable(self._teacher) and not isinstance(self._teacher, torch.nn.Module):
             self._teacher = self._teacher()
         return self._teacher
+
+    def forward(self, batch: dict, model: Any = None):
+        """``model(batch)`` (default: the student) on the training forward path: every method's
+        ``before_forward`` first, then autocast as ``train.precision`` says. For the extra forwards
+        a method runs (a Fisher pass, distillation prompts)."""
+        if self.before_forward is not None:
+            self.before_forward(batch)
+        model = self.model if model is None else model
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if dtype is None:
+            return model(batch)
+        device = next(model.parameters()).device
+        with torch.autocast(device.type, dtype=dtype):
+            return model(batch)
 
     def generator(self, *salt: Any) -> torch.Generator:
         """A seeded torch.Generator for (seed, stage, salt...): repeatable randomness for methods."""

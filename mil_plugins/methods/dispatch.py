@@ -37,6 +37,11 @@ class MethodHooks:
     def names(self) -> list[str]:
         return [m.name for m in self.methods]
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any method asks for ``ctx.teacher()`` (else the engine keeps none)."""
+        return any(getattr(m, "uses_teacher", False) for m in self.methods)
+
     # ---- hooks --------------------------------------------------------------------------------
     def setup(self) -> None:
         for m in self.methods:

@@ -5,10 +5,12 @@ EWC from Schwarz et al., 2018, "Progress & Compress".
 
 Hooks:
   ``after_stage``   estimate the diagonal (empirical) Fisher of the parameters that were trainable
-                    in the stage: the squared gradient of the LM loss, averaged over mini-batches
-                    of ``fisher_batch_size`` (1 = per sample, the textbook estimate) drawn from
-                    ``fisher_samples`` of the stage's own training samples (seeded; ``null`` = all);
-                    anchor ``theta*`` = the parameter values after the stage.
+                    in the stage: per sample, the squared gradient of the sample's log-likelihood
+                    *summed* over its answer tokens, averaged over ``fisher_samples`` of the stage's
+                    own training samples (seeded; ``null`` = all), forwarded ``fisher_batch_size``
+                    at a time through ``ctx.forward`` (every method's ``before_forward`` routing and
+                    the recipe's precision, as in training); anchor ``theta*`` = the parameter
+                    values after the stage. ``offload: true`` keeps both in CPU memory.
   ``loss_terms``    ``{"penalty": lambda/2 * sum_k sum_p F_k,p (theta_p - theta*_k,p)^2}`` over the
                     parameters trainable *now* that have a Fisher; absent before any stage has
                     finished (the first stage trains unregularised).
@@ -25,9 +27,20 @@ mode (no dropout); ``.grad`` fields are not touched, so the optimiser never sees
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mil_plugins.methods._common import seeded_permutation
 from mil_plugins.methods.base import Method
+
+
+def sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[B]``: each sample's negative log-likelihood summed over its answer tokens (causal
+    shift; labels -100 ignored), so a long answer counts as the sum of its tokens, not their mean."""
+    shifted = logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1),
+                          ignore_index=-100, reduction="none")
+    return nll.view(target.shape).sum(dim=1)
 
 
 class EWC(Method):
@@ -35,9 +48,10 @@ class EWC(Method):
     default_options = {
         "lambda": 100.0,          # penalty weight
         "fisher_samples": 64,     # training samples of the stage used for the Fisher (null: all)
-        "fisher_batch_size": 1,   # 1: per-sample squared gradients (the empirical Fisher)
+        "fisher_batch_size": 1,   # samples per forward of the Fisher pass (gradients stay per sample)
         "online": False,          # online EWC (one running Fisher) instead of one per stage
         "gamma": 1.0,             # online EWC: decay of the running Fisher
+        "offload": False,         # keep Fisher and anchors in CPU memory (moved per step)
     }
 
     def __init__(self, **options):
@@ -54,7 +68,13 @@ class EWC(Method):
         self._terms: list | None = None  # [(param, fisher, anchor)] for the current stage
 
     # ---- Fisher ------------------------------------------------------------------------------
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        """Where importance state lives: beside the parameter, or in CPU memory (``offload``)."""
+        return t.detach().float().to("cpu") if self.options["offload"] else t.detach().float()
+
     def _fisher(self, ctx, stage, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Mean over samples of the squared gradient of each sample's *summed* answer-token
+        log-likelihood, on the training forward path (``ctx.forward``: method hooks, precision)."""
         samples = list(stage.train_samples)
         n = self.options["fisher_samples"]
         order = seeded_permutation(ctx, len(samples), "ewc", stage.name)
@@ -64,25 +84,28 @@ class EWC(Method):
         model = ctx.model
         was_training = model.training
         model.eval()
-        batches = 0
+        counted = 0
         try:
             for batch in ctx.make_loader(picked, mode="train",
                                          batch_size=int(self.options["fisher_batch_size"])):
                 with torch.enable_grad():
-                    loss = model(batch).loss
-                    if loss is None or not loss.requires_grad:
-                        continue
-                    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-                for k, g in zip(names, grads):
-                    if g is not None:
-                        fisher[k] += g.detach().float() ** 2
-                batches += 1
+                    logits = ctx.forward(batch).logits
+                    nll = sample_nll(logits, batch["labels"].to(logits.device))
+                    rows = [i for i in range(nll.shape[0]) if nll[i].requires_grad
+                            and bool((batch["labels"][i, 1:] != -100).any())]
+                    for j, i in enumerate(rows):
+                        grads = torch.autograd.grad(nll[i], tensors, allow_unused=True,
+                                                    retain_graph=j + 1 < len(rows))
+                        for k, g in zip(names, grads):
+                            if g is not None:
+                                fisher[k] += g.detach().float() ** 2
+                        counted += 1
         finally:
             model.train(was_training)
-        if batches:
+        if counted:
             for f in fisher.values():
-                f /= batches
-        return fisher
+                f /= counted
+        return {k: self._store(f) for k, f in fisher.items()}
 
     # ---- hooks -------------------------------------------------------------------------------
     def before_stage(self, ctx, stage):
@@ -94,7 +117,7 @@ class EWC(Method):
         if not params or not stage.train_samples:
             return
         fisher = self._fisher(ctx, stage, params)
-        anchor = {k: p.detach().float().clone() for k, p in params.items()}
+        anchor = {k: self._store(p).clone() for k, p in params.items()}
         if self.options["online"] and self.penalties:
             old = self.penalties[0]
             gamma = float(self.options["gamma"])
@@ -117,7 +140,10 @@ class EWC(Method):
                     p = params.get(k)
                     if p is None or not p.requires_grad:
                         continue
-                    terms.append((p, f.to(p.device), pen["anchor"][k].to(p.device)))
+                    if self.options["offload"]:  # moved to the device per step, not kept there
+                        terms.append((p, f, pen["anchor"][k]))
+                    else:
+                        terms.append((p, f.to(p.device), pen["anchor"][k].to(p.device)))
             self._terms = terms
         return self._terms
 
@@ -127,7 +153,7 @@ class EWC(Method):
         terms = self._current_terms(ctx)
         if not terms:
             return {}
-        total = sum((f * (p.float() - a) ** 2).sum() for p, f, a in terms)
+        total = sum((f.to(p.device) * (p.float() - a.to(p.device)) ** 2).sum() for p, f, a in terms)
         return {"penalty": 0.5 * float(self.options["lambda"]) * total}
 
     def state_dict(self):
@@ -138,6 +164,6 @@ class EWC(Method):
     def load_state_dict(self, state):
         self._terms = None
         self.penalties = [{"stage": pen["stage"],
-                           "fisher": {k: v.float() for k, v in pen["fisher"].items()},
-                           "anchor": {k: v.float() for k, v in pen["anchor"].items()}}
+                           "fisher": {k: self._store(v) for k, v in pen["fisher"].items()},
+                           "anchor": {k: self._store(v) for k, v in pen["anchor"].items()}}
                           for pen in state.get("penalties") or []]

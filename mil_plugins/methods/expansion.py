@@ -1,9 +1,11 @@
-"""``expansion``: a new low-rank adapter per stage, frozen after its stage, routed by modality.
+"""``expansion``: a new low-rank adapter per stage, frozen after its stage, routed from the input.
 
 Parameter-isolation baseline: model expansion / per-task LoRA (He et al., 2023, "Continual
 Instruction Tuning for Large Multimodal Models", arXiv 2311.16206). Every stage gets its own
-adapter; once the stage is over the adapter is frozen, and at inference each sample's modality
-selects the adapter of the (latest) stage that trained that modality. Nothing shared keeps
+adapter; once the stage is over the adapter is frozen. At inference an input's modality (which
+placeholder it came in) gives the list of that modality's stage adapters, and the input's own
+features choose among them (:func:`choose_adapters`: nearest stage descriptor, never a task label
+or stage id), so when a modality returns its earlier stage's adapter stays reachable. Nothing shared keeps
 training after the first stage, so earlier modalities cannot be overwritten; the price is
 parameters that grow with the stages and no transfer between them.
 
@@ -15,21 +17,22 @@ Where the adapters go (``target``):
     ``connector.expansion`` (parameters ``connector.expansion.adapters.stage<i>.{down,up}.weight``;
     the base projector keeps its names, so LLaVA export of the base still works). Routing needs no
     batch information: a pre-hook on each ``connector.input_layers[m]`` tells the adapter stack
-    which modality is being projected, so mixed-modality batches are routed per sample.
+    which modality is being projected and chooses each item's adapter from its features.
 ``lora`` -- the LLM's LoRA (``model.lora`` set)
     One PEFT LoRA adapter per stage (``peft_model.add_adapter("stage<i>", <the recipe's
     LoraConfig>)``), active together with the recipe's ``default`` adapter (the base). Routing is
-    per batch: ``before_forward`` reads ``batch["modalities"]`` and activates ``default`` + the
-    adapter of that modality; a batch mixing routed modalities raises ``ValueError``.
+    per batch: ``before_forward`` reads ``batch["modalities"]`` and the batch's media features and
+    activates ``default`` + the chosen adapter; a batch routed to several raises ``ValueError``.
 ``auto`` (default) -- ``connector`` when the connector is shared and the recipe trains it, and
     ``lora`` when the LLM has LoRA and the recipe trains it (both when both).
 
 Hooks:
   ``setup``          create every stage's adapters (up front, so that the engine's teacher copy
                      and checkpoints always see the same module structure)
-  ``before_stage``   route the stage's modality (``"text"`` for a text-only stage) to its adapter;
-                     a modality that returns in a later stage starts from a copy of its previous
-                     adapter
+  ``before_stage``   add the stage's adapter to its modality's routes (``"text"`` for a text-only
+                     stage; a returning modality's new adapter starts from a copy of its latest
+                     one, the earlier ones stay), compute the stage's descriptor, and route the
+                     stage's own samples to its adapter while it trains (``after_stage`` ends that)
   ``trainable``      for each target the recipe trains this stage: drop the base (after the first
                      stage, see ``train_base``) and every other stage's adapter, add this stage's
   ``before_forward`` activate the LoRA adapters of the batch's modality (``lora`` target)
@@ -83,13 +86,36 @@ class LowRankAdapter(nn.Module):
         return self.up(self.down(self.dropout(x))) * self.scale
 
 
+def input_descriptor(features: torch.Tensor) -> torch.Tensor:
+    """``[N, D]``: each item's features (``[N, T, D]``, what the connector's input layer reads)
+    mean-pooled over tokens and L2-normalised -- computed from the input alone."""
+    x = features.detach().float()
+    x = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1)
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def choose_adapters(features: torch.Tensor, keys: list[str],
+                    descriptors: dict[str, torch.Tensor]) -> list[str]:
+    """Per item, the adapter among ``keys`` whose stage descriptor is nearest (cosine) to the
+    item's own descriptor. Reads nothing but the features: no task label, no stage id."""
+    if len(keys) == 1:
+        return [keys[0]] * features.shape[0]
+    known = [k for k in keys if k in descriptors]
+    if not known:
+        return [keys[-1]] * features.shape[0]
+    table = torch.stack([descriptors[k].to(features.device).float() for k in known])  # [K, D]
+    best = (input_descriptor(features) @ table.T).argmax(dim=1)
+    return [known[int(i)] for i in best]
+
+
 class ConnectorExpansion(nn.Module):
-    """Per-stage adapters parallel to ``connector.shared``, routed by the modality being projected.
+    """Per-stage adapters parallel to ``connector.shared``, routed per item from its input.
 
     :meth:`attach` registers a forward pre-hook on every ``connector.input_layers[m]`` (remembering
-    ``m``) and a forward hook on ``connector.shared`` (adding the routed adapter's output). Hooks
-    are bound methods of this module, so a ``copy.deepcopy`` of the model (the engine's teacher)
-    routes through its own copy of the adapters.
+    ``m`` and choosing, per item, among ``m``'s stage adapters by :func:`choose_adapters` on the
+    features the input layer reads) and a forward hook on ``connector.shared`` (adding each item's
+    adapter output). Hooks are bound methods of this module, so a ``copy.deepcopy`` of the model
+    (the engine's teacher) routes through its own copy of the adapters.
     """
 
     def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, dropout: float = 0.0):
@@ -97,8 +123,11 @@ class ConnectorExpansion(nn.Module):
         self.d_in, self.d_out = int(d_in), int(d_out)
         self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
         self.adapters = nn.ModuleDict()
-        self.routes: dict[str, str] = {}  # modality -> adapter key
+        self.routes: dict[str, list[str]] = {}       # modality -> its stages' adapter keys
+        self.forced: dict[str, str] = {}             # modality -> the adapter its stage trains
+        self.descriptors: dict[str, torch.Tensor] = {}  # adapter key -> stage descriptor [D]
         self.current: str | None = None   # modality being projected
+        self.choice: list[str] | None = None  # per item, its adapter key
 
     def add(self, key: str) -> LowRankAdapter:
         adapter = LowRankAdapter(self.d_in, self.d_out, self.rank, self.alpha, self.dropout)
@@ -110,20 +139,35 @@ class ConnectorExpansion(nn.Module):
             layer.register_forward_pre_hook(functools.partial(self._enter, modality))
         connector.shared.register_forward_hook(self._leave)
 
+    def keys_for(self, modality: str, features: torch.Tensor) -> list[str] | None:
+        keys = [k for k in self.routes.get(modality) or [] if k in self.adapters]
+        if not keys:
+            return None
+        if modality in self.forced:
+            return [self.forced[modality]] * features.shape[0]
+        return choose_adapters(features, keys, self.descriptors)
+
     def _enter(self, modality: str, module: nn.Module, args: Any) -> None:
         self.current = modality
+        self.choice = self.keys_for(modality, args[0])
 
     def _leave(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        key = self.routes.get(self.current) if self.current is not None else None
-        if key is not None and key in self.adapters:
+        choice = self.choice if self.current is not None else None
+        used = set(choice or ())
+        if choice is not None and len(choice) == output.shape[0]:
             x = args[0]
-            adapter = self.adapters[key]
-            p = adapter.up.weight
-            output = output + adapter(x.to(p.dtype)).to(output.dtype)
+            for key in sorted(used):
+                adapter = self.adapters[key]
+                p = adapter.up.weight
+                delta = adapter(x.to(p.dtype)).to(output.dtype)
+                if len(used) > 1:
+                    rows = torch.tensor([c == key for c in choice], device=output.device)
+                    delta = delta * rows.view(-1, *([1] * (delta.dim() - 1))).to(delta.dtype)
+                output = output + delta
         if torch.is_grad_enabled():
             # a zero term for every trainable adapter not on this path, so that DDP / ZeRO see a
             # gradient for each trainable parameter on every batch (LLaVA's dummy-term contract)
-            idle = [q for k, a in self.adapters.items() if k != key
+            idle = [q for k, a in self.adapters.items() if k not in used
                     for q in a.parameters() if q.requires_grad]
             if idle:
                 output = output + (sum(q.sum() for q in idle) * 0.0).to(output.dtype)
@@ -149,6 +193,8 @@ class Expansion(Method):
         "alpha": 16.0,               # connector adapters' scale numerator (alpha / rank)
         "dropout": 0.0,              # connector adapters' input dropout
         "train_base": "first_stage",  # first_stage | never
+        "descriptor_samples": 64,    # training samples per stage for its routing descriptor
+        "freeze_returning_inputs": True,  # a returning modality's input layer stays as it was
     }
     conflicts = {
         "joint": "expansion freezes each earlier stage's adapter and routes that modality to it, "
@@ -170,7 +216,9 @@ class Expansion(Method):
         self.model: nn.Module | None = None
         self.targets: list[str] = []
         self.adapters: list[dict] = []       # [{"key", "stage", "index", "modality"}]
-        self.routes: dict[str, str] = {}     # route ("image", ..., "text") -> adapter key
+        self.routes: dict[str, list[str]] = {}  # route ("image", ..., "text") -> its stages' keys
+        self.forced: dict[str, str] = {}     # during a stage: its route -> the adapter it trains
+        self.descriptors: dict[str, torch.Tensor] = {}  # adapter key -> stage descriptor (CPU)
         self.base_adapters: list[str] = []   # PEFT adapters that existed before setup
         self._lora_cfg = None
         self._active: list[str] | None = None
@@ -264,10 +312,42 @@ class Expansion(Method):
             self._layers = layers
         return self._layers
 
-    def _set_routes(self, routes: dict[str, str]) -> None:
-        self.routes = dict(routes)
+    def _sync(self) -> None:
+        """Hand routes, the training stage's forced route and descriptors to the connector stack."""
         if "connector" in self.targets:
-            self._connector_stack().routes = dict(routes)
+            stack = self._connector_stack()
+            stack.routes = {r: list(k) for r, k in self.routes.items()}
+            stack.forced = dict(self.forced)
+            stack.descriptors = dict(self.descriptors)
+
+    @staticmethod
+    @torch.no_grad()
+    def _features(model, modality: str, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """What the connector's input layer reads for ``x``: encoder features, standardised."""
+        feats = model.encode(modality, x, kind)
+        conn = model.connector
+        if modality in getattr(conn, "standardizers", {}):
+            feats = conn.standardizers[modality](feats)
+        return feats
+
+    @torch.no_grad()
+    def _stage_descriptor(self, ctx, stage) -> torch.Tensor | None:
+        """Mean of the per-item descriptors of (up to ``descriptor_samples``) training samples."""
+        m = stage.modality
+        samples = [s for s in stage.train_samples if s.media.get(m)]
+        samples = samples[: int(self.options["descriptor_samples"])]
+        total, count = None, 0
+        for batch in ctx.make_loader(samples, mode="eval", batch_size=16):
+            x = (batch.get("media") or {}).get(m)
+            if x is None or len(x) == 0:
+                continue
+            d = input_descriptor(self._features(ctx.model, m, x, (batch.get("media_kind") or {})
+                                                .get(m, "input")))
+            total = d.sum(0) if total is None else total + d.sum(0)
+            count += d.shape[0]
+        if not count:
+            return None
+        return torch.nn.functional.normalize(total / count, dim=-1).cpu()
 
     def _copy_adapter(self, src: str, dst: str) -> None:
         with torch.no_grad():
@@ -286,10 +366,23 @@ class Expansion(Method):
     # ---- hooks -------------------------------------------------------------------------------
     def before_stage(self, ctx, stage):
         key, route = stage_key(stage.index), stage_route(stage)
-        previous = self.routes.get(route)
-        if previous is not None and previous != key:
-            self._copy_adapter(previous, key)  # a returning modality starts from its last adapter
-        self._set_routes({**self.routes, route: key})
+        keys = list(self.routes.get(route) or [])
+        if key not in keys:
+            if keys:  # a returning modality: a new adapter, started from its last one
+                self._copy_adapter(keys[-1], key)
+            keys.append(key)  # the earlier stages' adapters stay routable
+        self.routes[route] = keys
+        self.forced = {route: key}  # the stage's own samples train its adapter
+        if stage.modality and key not in self.descriptors and ctx.make_loader is not None:
+            d = self._stage_descriptor(ctx, stage)
+            if d is not None:
+                self.descriptors[key] = d
+        self._sync()
+        self._active = None
+
+    def after_stage(self, ctx, stage):
+        self.forced = {}  # from now on every route is chosen from the input
+        self._sync()
         self._active = None
 
     def trainable(self, ctx, stage, names):
@@ -297,6 +390,12 @@ class Expansion(Method):
         keep_base = self.options["train_base"] == "first_stage" and not ctx.seen
         all_names = [n for n, _ in ctx.model.named_parameters()]
         out = set(names)
+        route = stage_route(stage)
+        if (self.options["freeze_returning_inputs"] and stage.modality
+                and (self.routes.get(route) or [key])[0] != key):
+            # the modality returns: its input layer feeds its earlier stages' adapters too
+            own = f"connector.input_layers.{stage.modality}."
+            out = {n for n in out if not n.startswith(own)}
         if "connector" in self.targets:
             trains = any(n.startswith("connector.shared.") for n in names)
             out = {n for n in out if not n.startswith(PREFIX)
@@ -312,31 +411,42 @@ class Expansion(Method):
                 out |= {n for n in all_names if _lora_adapter_of(n) == key}
         return out
 
-    def _route_of_batch(self, batch: dict) -> str | None:
+    def _modality_keys(self, ctx, batch: dict, modality: str) -> set[str]:
+        keys = list(self.routes.get(modality) or [])
+        if not keys:
+            return set()
+        if modality in self.forced:
+            return {self.forced[modality]}
+        x = (batch.get("media") or {}).get(modality)
+        if len(keys) == 1 or x is None or len(x) == 0:
+            return {keys[-1]}
+        feats = self._features(ctx.model, modality, x,
+                               (batch.get("media_kind") or {}).get(modality, "input"))
+        return set(choose_adapters(feats, keys, self.descriptors))
+
+    def _route_of_batch(self, ctx, batch: dict) -> str | None:
         per_sample = batch_routes(batch)
         if not per_sample and batch.get("media"):
             per_sample = ["+".join(sorted(batch["media"]))]
-        keys = set()
-        for route in per_sample:
-            key = self.routes.get(route)
-            if key is None and route != "text":
-                hits = {self.routes[m] for m in route.split("+") if m in self.routes}
-                key = hits.pop() if len(hits) == 1 else None
-            if route != "text" or key is not None:
-                keys.add(key)
+        modalities = sorted({m for route in per_sample if route != "text" for m in route.split("+")})
+        keys: set[str] = set()
+        for m in modalities:
+            keys |= self._modality_keys(ctx, batch, m)
         if len(keys) > 1:
             raise ValueError(
-                f"method 'expansion' (target lora) routes whole batches, but this batch mixes "
-                f"samples of differently routed modalities {sorted(set(per_sample))}; use "
-                f"single-modality batches or target: connector (routed per sample)")
+                f"method 'expansion' (target lora) routes whole batches, but this batch mixes samples "
+                f"{sorted(set(per_sample))} are routed to different adapters {sorted(keys)}; use "
+                f"single-modality batches of one stage's data, or target: connector (routed per "
+                f"sample)")
         if keys:
             return keys.pop()
-        return self.routes.get("text")
+        text = self.routes.get("text") or []
+        return self.forced.get("text") or (text[-1] if text else None)
 
     def before_forward(self, ctx, batch):
         if "lora" not in self.targets:
             return
-        key = self._route_of_batch(batch)
+        key = self._route_of_batch(ctx, batch)
         active = list(self.base_adapters) + ([key] if key is not None else [])
         layers = self._lora_tuner_layers()
         if self._active == active and list(layers[0].active_adapters) == active:
@@ -350,8 +460,9 @@ class Expansion(Method):
 
     def state_dict(self):
         return {"targets": list(self.targets), "adapters": [dict(a) for a in self.adapters],
-                "routes": dict(self.routes), "options": {k: self.options[k] for k in
-                                                         ("rank", "alpha", "train_base")}}
+                "routes": {r: list(k) for r, k in self.routes.items()},
+                "descriptors": dict(self.descriptors),
+                "options": {k: self.options[k] for k in ("rank", "alpha", "train_base")}}
 
     def load_state_dict(self, state):
         if not state:
@@ -375,5 +486,11 @@ class Expansion(Method):
                 self._add_adapter(entry["key"])
                 self.adapters.append(dict(entry))
                 known.add(entry["key"])
-        self._set_routes({str(k): str(v) for k, v in (state.get("routes") or {}).items()})
+        routes = {}
+        for route, keys in (state.get("routes") or {}).items():  # older checkpoints: one key each
+            routes[str(route)] = [str(keys)] if isinstance(keys, str) else [str(k) for k in keys]
+        self.routes = routes
+        self.descriptors = {str(k): v.detach().float().cpu()
+                            for k, v in (state.get("descriptors") or {}).items()}
+        self._sync()
         self._active = None
