@@ -143,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint to LLaVA or transformers layout")
     p.add_argument("checkpoint")
-    p.add_argument("--to", required=True, choices=["llava", "llava-dir", "hf"],
+    p.add_argument("--to", required=True, choices=["llava", "llava-dir", "hf", "peft"],
                    help="llava: mm_projector.bin per modality; llava-dir: a directory "
-                        "LlavaLlamaForCausalLM.from_pretrained loads; hf: LlavaForConditionalGeneration")
+                        "LlavaLlamaForCausalLM.from_pretrained loads; hf: LlavaForConditionalGeneration; "
+                        "peft: the LLM's LoRA as a PEFT adapter directory")
     p.add_argument("out")
     p.set_defaults(func=cmd_export)
     return parser
