@@ -75,6 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         argv.append("--overwrite")
     for key in args.allow_change:
         argv += ["--allow-change", key]
+    if args.deepspeed:
+        argv += ["--deepspeed", args.deepspeed]
     return train_main(argv)
 
 
@@ -131,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over in an output.dir holding another run's results (deletes them)")
     p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                    help="with --resume: a recipe key allowed to differ (e.g. train.log_every_steps)")
+    from mil_plugins.engine.run import add_launcher_args
+
+    add_launcher_args(p)  # --local_rank (the deepspeed launcher's), --deepspeed PATH.json
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a checkpoint on one or more manifests")
