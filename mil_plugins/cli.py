@@ -99,6 +99,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mil", description=__doc__)
+    # `deepspeed ... $(which mil) train RECIPE` runs `mil --local_rank=N train RECIPE`: accepted
+    # before the command too, and ignored (ranks come from the environment)
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int,
+                        default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plugins", help="list every installed plugin and whether it loads")
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over in an output.dir holding another run's results (deletes them)")
     p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                    help="with --resume: a recipe key allowed to differ (e.g. train.log_every_steps)")
-    from mil_plugins.engine.run import add_launcher_args
+    from mil_plugins.launcher_args import add_launcher_args
 
     add_launcher_args(p)  # --local_rank (the deepspeed launcher's), --deepspeed PATH.json
     p.set_defaults(func=cmd_train)

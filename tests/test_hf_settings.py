@@ -189,6 +189,8 @@ def test_train_commands_take_the_launchers_local_rank_and_deepspeed():
                                       "ds.json"])
     assert (args.recipe, args.overrides, args.local_rank, args.deepspeed) == (
         "r.yaml", ["a.b=1"], 0, "ds.json")
+    args = build_parser().parse_args(["--local_rank=1", "train", "r.yaml"])  # as the launcher runs `mil`
+    assert (args.command, args.recipe) == ("train", "r.yaml")
     args = parse_args(["r.yaml", "--local-rank", "1", "x=2", "--deepspeed", "z.json"])
     assert (args.overrides, args.local_rank, args.deepspeed) == (["x=2"], 1, "z.json")
 

@@ -26,6 +26,7 @@ from mil_plugins.engine.rundir import RunFolder
 from mil_plugins.engine.session import Session
 from mil_plugins.engine.trainable import apply_trainable, group_names
 from mil_plugins.evaluate import predict, score_predictions
+from mil_plugins.launcher_args import add_launcher_args
 from mil_plugins.methods.context import Stage, lazy_frozen_copy
 from mil_plugins.recipe import load_recipe
 
@@ -303,16 +304,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "train.log_every_steps)")
     add_launcher_args(parser)
     return parser.parse_intermixed_args(argv)
-
-
-def add_launcher_args(parser: argparse.ArgumentParser) -> None:
-    """``--local_rank`` (the deepspeed launcher's; ranks come from the environment) and HF's
-    ``--deepspeed PATH.json`` (the same as ``train.deepspeed=PATH.json``)."""
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; ignored otherwise")
-    parser.add_argument("--deepspeed", metavar="PATH.json", default=None,
-                        help="a ZeRO JSON (HF-Trainer style, \"auto\" values filled from the recipe); "
-                             "same as train.deepspeed=PATH.json; used under the deepspeed launcher")
 
 
 def main(argv: list[str] | None = None) -> int:
