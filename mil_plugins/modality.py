@@ -2,7 +2,8 @@
 
 A modality plugin is a subclass of :class:`ModalityPlugin`, published through an entry point in the
 ``mil_plugins.modalities`` group. It says which manifest key and placeholder token it uses, turns a
-file into a tensor (``preprocess``, runs in CPU data-loader workers) and builds the encoder that turns
+file into a tensor (``preprocess``; it runs in CPU ``DataLoader`` workers when the recipe sets
+``train.dataloader_num_workers``) and builds the encoder that turns
 a batch of such tensors into token features ``[B, T, D]``.
 """
 

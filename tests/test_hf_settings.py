@@ -261,3 +261,16 @@ def test_micro_batches_come_in_order_from_dataloader_workers(workers):
         assert set().union(*(b["threads"] for b in got)) == {1}
     else:
         assert pids == {os.getpid()}
+
+
+def test_on_gpu_a_dataloader_worker_hands_inputs_to_the_step(monkeypatch):
+    """A forked worker cannot run a CUDA encoder: it preprocesses, the step encodes on the GPU."""
+    from mil_plugins.engine import session as S
+
+    session = SimpleNamespace(
+        plugins={"image": SimpleNamespace(preprocess=lambda path: torch.ones(3))},
+        model=SimpleNamespace(is_trainable_encoder=lambda m: False),
+        recipe={"train": {"feature_cache": True}}, dist=SimpleNamespace(device=torch.device("cuda")))
+    monkeypatch.setattr(S, "_in_dataloader_worker", lambda: True)
+    kind, tensor = S.Session._media_loader(session, "image", Path("x.png"))
+    assert kind == "input" and torch.equal(tensor, torch.ones(3))
