@@ -88,6 +88,8 @@ def test_hf_names_are_accepted_in_files_and_overrides(tmp_path):
     assert not any(name in t for (_, name) in ALIASES)             # only our names remain
     o = recipe(tmp_path, "", "train.gradient_accumulation_steps=3", "train.report_to=tensorboard")
     assert o["train"]["grad_accum"] == 3 and o["output"]["report_to"] == ["tensorboard"]
+    whole = recipe(tmp_path, "", "train={gradient_accumulation_steps: 6, learning_rate: 0.1}")["train"]
+    assert (whole["grad_accum"], whole["lr"]) == (6, 0.1)
     # an override in HF's name wins over our name in the file, like any override
     assert recipe(tmp_path, "train: {grad_accum: 2}\n", "train.gradient_accumulation_steps=5"
                   )["train"]["grad_accum"] == 5

@@ -329,7 +329,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     """Read, merge, override and validate a recipe; returns the full recipe with defaults."""
     path = Path(path)
     data = read_with_extends(path)
-    data = apply_overrides(data, overrides or [])
+    data = canonical_names(apply_overrides(data, overrides or []), path)  # e.g. train={...HF names}
     if isinstance(data.get("output"), dict) and "report_to" in data["output"]:
         data["output"]["report_to"] = normalize_report_to(data["output"]["report_to"], path)
     recipe = _check_section(data, {k: v for k, v in S.RECIPE.items() if k != "extends"},
