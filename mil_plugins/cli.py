@@ -75,6 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         argv.append("--overwrite")
     for key in args.allow_change:
         argv += ["--allow-change", key]
+    if args.deepspeed:
+        argv += ["--deepspeed", args.deepspeed]
     return train_main(argv)
 
 
@@ -97,6 +99,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mil", description=__doc__)
+    # `deepspeed ... $(which mil) train RECIPE` runs `mil --local_rank=N train RECIPE`: accepted
+    # before the command too, and ignored (ranks come from the environment)
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int,
+                        default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plugins", help="list every installed plugin and whether it loads")
@@ -131,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over in an output.dir holding another run's results (deletes them)")
     p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                    help="with --resume: a recipe key allowed to differ (e.g. train.log_every_steps)")
+    from mil_plugins.launcher_args import add_launcher_args
+
+    add_launcher_args(p)  # --local_rank (the deepspeed launcher's), --deepspeed PATH.json
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a checkpoint on one or more manifests")
@@ -143,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint to LLaVA or transformers layout")
     p.add_argument("checkpoint")
-    p.add_argument("--to", required=True, choices=["llava", "llava-dir", "hf"],
+    p.add_argument("--to", required=True, choices=["llava", "llava-dir", "hf", "peft"],
                    help="llava: mm_projector.bin per modality; llava-dir: a directory "
-                        "LlavaLlamaForCausalLM.from_pretrained loads; hf: LlavaForConditionalGeneration")
+                        "LlavaLlamaForCausalLM.from_pretrained loads; hf: LlavaForConditionalGeneration; "
+                        "peft: the LLM's LoRA as a PEFT adapter directory")
     p.add_argument("out")
     p.set_defaults(func=cmd_export)
     return parser

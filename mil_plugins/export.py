@@ -1,4 +1,4 @@
-"""``mil export CHECKPOINT --to llava|hf OUT``: hand a trained stage to the LLaVA ecosystem.
+"""``mil export CHECKPOINT --to llava|llava-dir|hf|peft OUT``: hand a trained stage to the LLaVA ecosystem.
 
 ``--to llava``: per modality, ``OUT/<modality>/mm_projector.bin`` (+ ``.safetensors``) with
 LLaVA's keys (``model.mm_projector.0.weight`` ...) and a ``config.json`` with LLaVA's ``mm_*`` keys.
@@ -7,6 +7,9 @@ linear layer, so the exported projector maps the encoder's features straight to 
 
 ``--to llava-dir``: ``OUT/`` is a LLaVA-original directory (``LlavaLlamaForCausalLM.from_pretrained``
 loads it; other modalities in ``OUT/modalities/``): :mod:`mil_plugins.integrations.llava_fork`.
+
+``--to peft``: ``OUT/`` is the LLM's LoRA as a PEFT adapter directory
+(``PeftModel.from_pretrained`` loads it): :mod:`mil_plugins.integrations.peft_adapter`.
 
 ``--to hf``: ``OUT/`` is a directory that ``LlavaForConditionalGeneration.from_pretrained`` loads
 (image tower + image projector + LLM, LoRA merged); every other modality's encoder and projector is
@@ -131,4 +134,8 @@ def export_checkpoint(checkpoint: Path, to: str, out: Path) -> list[Path]:
         from mil_plugins.integrations.llava_fork.checkpoint import export_llava_dir
 
         return [export_llava_dir(session.model, out)]
-    raise ValueError(f"unknown export target {to!r}; choose llava, llava-dir or hf")
+    if to == "peft":
+        from mil_plugins.integrations.peft_adapter import export_peft
+
+        return export_peft(session.model, out)
+    raise ValueError(f"unknown export target {to!r}; choose llava, llava-dir, hf or peft")

@@ -2,7 +2,8 @@
 
 A modality plugin is a subclass of :class:`ModalityPlugin`, published through an entry point in the
 ``mil_plugins.modalities`` group. It says which manifest key and placeholder token it uses, turns a
-file into a tensor (``preprocess``, runs in CPU data-loader workers) and builds the encoder that turns
+file into a tensor (``preprocess``; it runs in CPU ``DataLoader`` workers when the recipe sets
+``train.dataloader_num_workers``) and builds the encoder that turns
 a batch of such tensors into token features ``[B, T, D]``.
 """
 
@@ -51,8 +52,10 @@ class ModalityPlugin:
     default_projector: ClassVar[str] = "mlp2x_gelu"
     extensions: ClassVar[tuple[str, ...]] = ()   # file suffixes it reads, for error messages
     default_options: ClassVar[dict[str, Any]] = {}
-    #: bump when ``preprocess`` changes its output for the same file and options: cached features
-    #: of the old version are then not reused
+    #: a label for the preprocessing and encoder behaviour, part of the feature-cache key. The
+    #: plugin's code is part of the key too (:func:`mil_plugins.plugin_code.code_fingerprint`), so
+    #: an edit to the source already invalidates cached features; bump ``version`` when the output
+    #: changes without a source edit here (an upgraded library the plugin calls, a data file it reads)
     version: ClassVar[str] = "1"
 
     def __init__(self, **options: Any):
@@ -86,9 +89,12 @@ class ModalityPlugin:
         return {"name": self.name, "options": self.options}
 
     def fingerprint(self) -> str:
-        """Feature-cache identity: the plugin class and its ``version`` as well as its config."""
+        """Feature-cache identity: the plugin class, its ``version``, a hash of its code (its
+        module and the modules of its package that it imports) and its config."""
+        from mil_plugins.plugin_code import code_fingerprint
+
         identity = {**self.config(), "class": f"{type(self).__module__}:{type(self).__qualname__}",
-                    "version": self.version}
+                    "version": self.version, "code": code_fingerprint(type(self))}
         blob = json.dumps(identity, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -1,14 +1,13 @@
-"""Answer scoring: exact match, VQA accuracy, BLEU-4 and CIDEr-D, written out here (no nltk,
-no pycocoevalcap, no Java tokenizer).
+"""Answer scoring: exact match and VQA accuracy written out here; BLEU-4 and CIDEr-D by
+``pycocoevalcap`` (the coco-caption scorers the field reports), on our own tokens.
 
 ``score(metric, preds, refs)`` is what evaluation calls; it returns a percentage:
 
     exact_match  100 x mean over examples of exact_match(pred, refs)      (normalised strings)
     vqa          100 x mean over examples of min(1, #refs equal to pred / 3)
-    bleu4        100 x corpus BLEU-4, NLTK ``corpus_bleu`` with ``SmoothingFunction().method1``
-                 (epsilon = 0.1 added to the numerator of an n-gram order with no match)
-    cider        100 x CIDEr-D (the original x10 scale, so a caption scoring CIDEr-D 1.2 gives 120;
-                 unlike the others this is *not* bounded by 100)
+    bleu4        100 x corpus BLEU-4, pycocoevalcap ``Bleu(4)`` (its 4th value)
+    cider        100 x CIDEr-D, pycocoevalcap ``Cider`` (the original x10 scale, so a caption
+                 scoring CIDEr-D 1.2 gives 120; unlike the others this is *not* bounded by 100)
 
 Two kinds of text processing:
 
@@ -18,16 +17,15 @@ Two kinds of text processing:
   zero..ten become digits (as VQA does); the articles a / an / the are dropped; whitespace is
   collapsed. SQuAD's normaliser plus VQA's number mapping and decimal handling.
 * :func:`tokenize` (BLEU, CIDEr): the same punctuation handling and lowercasing, but articles and
-  number words are kept (they matter in captions); the coco-caption PTB tokenizer also lowercases
-  and drops punctuation.
+  number words are kept (they matter in captions). coco-caption runs the Stanford PTB tokenizer
+  (Java) first, which also lowercases and drops punctuation; we do not run Java, so our tokens
+  differ from it only where PTB splits differently (e.g. "don't" -> "do n't" there, "dont" here).
 """
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
-from collections import Counter
 from typing import Iterable, Sequence
 
 __all__ = [
@@ -37,8 +35,6 @@ __all__ = [
     "exact_match",
     "vqa_accuracy",
     "bleu4",
-    "sentence_bleu4",
-    "sentence_bleu4_average",
     "cider_d",
     "score",
 ]
@@ -115,55 +111,11 @@ def vqa_accuracy(pred: str, refs: str | Sequence[str]) -> float:
     return min(1.0, matches / 3.0)
 
 
-# --------------------------------------------------------------------------------------- BLEU
-
-
-def _ngram_counts(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-
-def _bleu_sentence_stats(hyp: list[str], refs: list[list[str]], max_n: int):
-    """Clipped n-gram matches and counts per order (NLTK ``modified_precision``: the count is
-    ``max(1, #hyp n-grams)``), and the reference length closest to the hypothesis length
-    (ties -> the shorter reference)."""
-    numer, denom = [], []
-    for n in range(1, max_n + 1):
-        counts = _ngram_counts(hyp, n)
-        max_ref: Counter = Counter()
-        for ref in refs:
-            for ng, c in _ngram_counts(ref, n).items():
-                if c > max_ref[ng]:
-                    max_ref[ng] = c
-        numer.append(sum(min(c, max_ref[ng]) for ng, c in counts.items()))
-        denom.append(max(1, sum(counts.values())))
-    closest = min((len(r) for r in refs), key=lambda rl: (abs(rl - len(hyp)), rl))
-    return numer, denom, len(hyp), closest
-
-
-def _bleu_from_stats(numer: list[int], denom: list[int], hyp_len: int, ref_len: int,
-                     smoothing: str, epsilon: float) -> float:
-    if numer[0] == 0:  # no unigram match anywhere: NLTK returns 0 whatever the smoothing
-        return 0.0
-    precisions = []
-    for k, (m, d) in enumerate(zip(numer, denom)):
-        if smoothing == "epsilon":
-            precisions.append((m + epsilon) / d if m == 0 else m / d)
-        elif smoothing == "add1":
-            precisions.append(m / d if k == 0 else (m + 1) / (d + 1))
-        elif smoothing == "none":
-            if m == 0:
-                return 0.0
-            precisions.append(m / d)
-        else:
-            raise ValueError(f"unknown BLEU smoothing {smoothing!r}; valid: 'epsilon', 'add1', 'none'")
-    if hyp_len == 0:
-        bp = 0.0
-    elif hyp_len > ref_len:
-        bp = 1.0
-    else:
-        bp = math.exp(1.0 - ref_len / hyp_len)
-    w = 1.0 / len(precisions)
-    return bp * math.exp(sum(w * math.log(p) for p in precisions))
+# ------------------------------------------------------------------------ BLEU-4 and CIDEr-D
+# The field's reference scorers (pycocoevalcap, the coco-caption code CoIN, MCITlib and the
+# captioning papers report), fed with our tokens: pycocoevalcap's own PTB tokenizer needs Java, so
+# every sentence goes through :func:`tokenize` and is handed over space-joined (its scorers split
+# on whitespace).
 
 
 def _check_pairs(preds: Sequence[str], refs_list: Sequence) -> None:
@@ -173,115 +125,35 @@ def _check_pairs(preds: Sequence[str], refs_list: Sequence) -> None:
         raise ValueError(f"{len(preds)} predictions but {len(refs_list)} reference entries")
 
 
-def bleu4(preds: Sequence[str], refs_list: Sequence[str | Sequence[str]],
-          smoothing: str = "epsilon", epsilon: float = 0.1) -> float:
-    """Corpus BLEU-4 in [0, 1] (Papineni et al. 2002), as NLTK's ``corpus_bleu``.
-
-    p_n = Σ_sentences clipped n-gram matches / Σ_sentences max(1, #hyp n-grams), n = 1..4;
-    BP = 1 if c > r else exp(1 − r/c), c = total hypothesis length, r = Σ reference length
-    closest to each hypothesis; BLEU = BP · exp(Σ_n ¼ log p_n); 0 if no unigram matches.
-
-    ``smoothing``: ``"epsilon"`` (default; NLTK method1: an order with 0 matches gets
-    p_n = ε / count, ε = 0.1), ``"add1"`` (Lin & Och 2004, NLTK method2: p_n = (m+1)/(count+1)
-    for n ≥ 2) or ``"none"`` (any order with no match gives 0).
-    """
+def _coco_inputs(preds: Sequence[str], refs_list: Sequence) -> tuple[dict, dict]:
     _check_pairs(preds, refs_list)
     if not preds:
         raise ValueError("no predictions to score")
-    numer, denom = [0] * 4, [0] * 4
-    hyp_len = ref_len = 0
-    for pred, refs in zip(preds, refs_list):
-        m, d, h, r = _bleu_sentence_stats(tokenize(pred), [tokenize(x) for x in _as_refs(refs)], 4)
-        numer = [a + b for a, b in zip(numer, m)]
-        denom = [a + b for a, b in zip(denom, d)]
-        hyp_len += h
-        ref_len += r
-    return _bleu_from_stats(numer, denom, hyp_len, ref_len, smoothing, epsilon)
+    res = {i: [" ".join(tokenize(p))] for i, p in enumerate(preds)}
+    gts = {i: [" ".join(tokenize(r)) for r in _as_refs(refs)] for i, refs in enumerate(refs_list)}
+    return gts, res
 
 
-def sentence_bleu4(pred: str, refs: str | Sequence[str], smoothing: str = "add1",
-                   epsilon: float = 0.1) -> float:
-    """BLEU-4 of one sentence in [0, 1], add-one smoothed by default (for short answers, where
-    most sentences have no 3- or 4-gram match and unsmoothed BLEU would be 0)."""
-    m, d, h, r = _bleu_sentence_stats(tokenize(pred), [tokenize(x) for x in _as_refs(refs)], 4)
-    return _bleu_from_stats(m, d, h, r, smoothing, epsilon)
+def bleu4(preds: Sequence[str], refs_list: Sequence[str | Sequence[str]]) -> float:
+    """Corpus BLEU-4 in [0, 1]: pycocoevalcap's ``Bleu(4)`` (coco-caption; clipped n-gram counts
+    pooled over the corpus, brevity penalty from the closest reference length, no smoothing
+    beyond its 1e-15 guard, so an order with no match anywhere gives ~0)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    gts, res = _coco_inputs(preds, refs_list)
+    scores, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return float(scores[3])
 
 
-def sentence_bleu4_average(preds: Sequence[str], refs_list: Sequence[str | Sequence[str]],
-                           smoothing: str = "add1") -> float:
-    """Mean of :func:`sentence_bleu4` over examples, in [0, 1]. Not what :func:`score` uses."""
-    _check_pairs(preds, refs_list)
-    if not preds:
-        raise ValueError("no predictions to score")
-    return sum(sentence_bleu4(p, r, smoothing) for p, r in zip(preds, refs_list)) / len(preds)
+def cider_d(preds: Sequence[str], refs_list: Sequence[str | Sequence[str]]) -> float:
+    """CIDEr-D: pycocoevalcap's ``Cider`` (Vedantam et al. 2015; TF-IDF n-grams 1..4 with IDF
+    from this corpus's references, clipped cosine, Gaussian length penalty sigma = 6, x10 scale).
+    With a single example every IDF is log(1) - log(1) = 0, so the score is 0."""
+    from pycocoevalcap.cider.cider import Cider
 
-
-# ------------------------------------------------------------------------------------ CIDEr-D
-
-
-def _all_ngrams(tokens: list[str], max_n: int) -> Counter:
-    c: Counter = Counter()
-    for n in range(1, max_n + 1):
-        c.update(_ngram_counts(tokens, n))
-    return c
-
-
-def cider_d(preds: Sequence[str], refs_list: Sequence[str | Sequence[str]],
-            n: int = 4, sigma: float = 6.0) -> float:
-    """CIDEr-D (Vedantam et al. 2015, the coco-caption ``CiderD`` scorer, ``df="corpus"``).
-
-    For each n-gram order n = 1..4, every sentence becomes a TF-IDF vector
-    g(w) = tf(w) · (log N − log max(1, df(w))), N = number of examples, df(w) = number of
-    examples whose references contain w. Per example and reference,
-    s_n = Σ_w min(g_c(w), g_r(w)) · g_r(w) / (‖g_c‖ ‖g_r‖) · exp(−(ℓ_c − ℓ_r)² / 2σ²)
-    (clipped cosine with a Gaussian length penalty, σ = 6; ℓ is counted as the original does,
-    in bigrams). CIDEr-D of an example = 10 · mean_n (mean_refs s_n); the result is the mean
-    over examples. With a single example every IDF is 0, so the score is 0.
-    """
-    _check_pairs(preds, refs_list)
-    if not preds:
-        raise ValueError("no predictions to score")
-    crefs = [[_all_ngrams(tokenize(r), n) for r in _as_refs(refs)] for refs in refs_list]
-    ctest = [_all_ngrams(tokenize(p), n) for p in preds]
-
-    df: Counter = Counter()
-    for refs in crefs:
-        df.update(set(ng for ref in refs for ng in ref))
-    log_n = math.log(float(len(crefs)))
-
-    def vectorize(cnts: Counter):
-        vec: list[dict] = [dict() for _ in range(n)]
-        norm = [0.0] * n
-        length = 0
-        for ng, tf in cnts.items():
-            k = len(ng) - 1
-            w = float(tf) * (log_n - math.log(max(1.0, float(df.get(ng, 0)))))
-            vec[k][ng] = w
-            norm[k] += w * w
-            if k == 1:
-                length += tf
-        return vec, [math.sqrt(x) for x in norm], length
-
-    def sim(vh, nh, lh, vr, nr, lr) -> list[float]:
-        penalty = math.exp(-(float(lh - lr) ** 2) / (2 * sigma ** 2))
-        val = [0.0] * n
-        for k in range(n):
-            for ng, w in vh[k].items():
-                wr = vr[k].get(ng, 0.0)
-                val[k] += min(w, wr) * wr
-            if nh[k] != 0 and nr[k] != 0:
-                val[k] /= nh[k] * nr[k]
-            val[k] *= penalty
-        return val
-
-    per_example = []
-    for test, refs in zip(ctest, crefs):
-        vh, nh, lh = vectorize(test)
-        total = [0.0] * n
-        for ref in refs:
-            total = [a + b for a, b in zip(total, sim(vh, nh, lh, *vectorize(ref)))]
-        per_example.append(sum(total) / n / len(refs) * 10.0)
-    return sum(per_example) / len(per_example)
+    gts, res = _coco_inputs(preds, refs_list)
+    score, _ = Cider().compute_score(gts, res)
+    return float(score)
 
 
 # -------------------------------------------------------------------------------------- score

@@ -265,4 +265,4 @@ def test_caption_chance_matches_the_evaluators_bleu():
         preds = [p for p in caps for _ in caps]
         refs = [r for _ in caps for r in caps]
         assert chance_level(m, "caption") == pytest.approx(scoring.bleu4(preds, refs), abs=1e-9)
-        assert bleu4(preds[1], refs[1]) == pytest.approx(scoring.sentence_bleu4(preds[1], refs[1]))
+        assert bleu4(preds[1], refs[1]) == pytest.approx(scoring.bleu4([preds[1]], [refs[1]]))

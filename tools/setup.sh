@@ -53,7 +53,7 @@ echo "[setup] deepspeed (from source, DS_BUILD_OPS=0)"
 DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed==0.19.8"
 echo "[setup] llava-torch (LLaVA's own code, without its stale pinned dependencies)"
 pip_install --no-deps "llava-torch==1.2.2.post1"
-.venv/bin/python -c "import torch, transformers, peft, deepspeed, librosa, av, open3d, mil_plugins, llava.model" \
+.venv/bin/python -c "import torch, transformers, peft, deepspeed, librosa, av, open3d, pycocoevalcap.cider.cider, mil_plugins, llava.model" \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[setup] done: torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"

@@ -16,8 +16,6 @@ Everything here is plain data plus a few pure functions; the renderers live in `
 from __future__ import annotations
 
 import itertools
-import math
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Mapping
@@ -219,56 +217,22 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-
-def _bleu_stats(prediction: str, reference: str) -> tuple[list[int], list[int], int, int]:
-    hyp = normalize_answer(prediction).split()
-    ref = normalize_answer(reference).split()
-    numer, denom = [], []
-    for n in range(1, 5):
-        h, r = _ngrams(hyp, n), _ngrams(ref, n)
-        numer.append(sum(min(c, r[g]) for g, c in h.items()))
-        denom.append(max(1, len(hyp) - n + 1))
-    return numer, denom, len(hyp), len(ref)
-
-
-def _bleu(numer, denom, hyp_len, ref_len, smooth) -> float:
-    if hyp_len == 0 or numer[0] == 0:
-        return 0.0
-    log_p = 0.0
-    for n, (m, d) in enumerate(zip(numer, denom)):
-        if smooth == "add1" and n > 0:
-            log_p += math.log((m + 1) / (d + 1))
-        else:                                           # "epsilon": NLTK method1, eps = 0.1
-            log_p += math.log((m if m else 0.1) / d)
-    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-    return bp * math.exp(log_p / 4)
-
-
 def bleu4(prediction: str, reference: str) -> float:
-    """Sentence-level BLEU-4 in [0, 1] (uniform weights, brevity penalty), whitespace tokens.
+    """BLEU-4 in [0, 1] of one prediction against one reference: the evaluator's scorer
+    (:func:`mil_plugins.scoring.bleu4`, pycocoevalcap) on a corpus of one sentence."""
+    from mil_plugins.scoring import bleu4 as corpus
 
-    Add-one smoothing of the 2- to 4-gram precisions (Lin & Och 2004, NLTK ``method2``), so that a
-    short, partly right phrase scores above 0; no unigram match or an empty prediction scores 0.
-    """
-    return _bleu(*_bleu_stats(prediction, reference), smooth="add1")
+    return corpus([prediction], [reference])
 
 
 def corpus_bleu4(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU-4 in [0, 1] as NLTK's ``corpus_bleu`` with ``method1`` smoothing (eps 0.1):
-    clipped n-gram matches and counts are summed over the corpus before the precisions are taken.
-    This is what ``mil_plugins.scoring`` reports (x 100) for ``bleu4`` tasks."""
+    """Corpus BLEU-4 in [0, 1]: exactly what ``mil_plugins.scoring`` reports (x 100) for
+    ``bleu4`` tasks (pycocoevalcap's ``Bleu(4)``), so chance levels sit on the evaluator's scale."""
+    from mil_plugins.scoring import bleu4 as corpus
+
     if len(predictions) != len(references) or not predictions:
         raise ValueError("need as many predictions as references, at least one")
-    numer, denom, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
-    for p, r in zip(predictions, references):
-        m, d, h, rl = _bleu_stats(p, r)
-        numer = [a + b for a, b in zip(numer, m)]
-        denom = [a + b for a, b in zip(denom, d)]
-        hyp_len, ref_len = hyp_len + h, ref_len + rl
-    return _bleu(numer, denom, hyp_len, ref_len, smooth="epsilon")
+    return corpus(predictions, references)
 
 
 METRICS = {EXACT_MATCH: exact_match, BLEU4: bleu4}

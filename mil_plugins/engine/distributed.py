@@ -87,16 +87,65 @@ def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
     return per
 
 
-def fill_deepspeed_config(path: str | Path, train: dict, world_size: int) -> dict:
-    """Load a ZeRO JSON and replace its ``"auto"`` values from the recipe's ``train`` section."""
+#: the ZeRO configs that ship with the package (``recipes/deepspeed`` links here)
+SHIPPED_DEEPSPEED = Path(__file__).resolve().parents[1] / "recipe" / "deepspeed"
+DEFAULT_DEEPSPEED = "zero2.json"
+
+
+def resolve_deepspeed_config(value: str | None) -> Path:
+    """The ZeRO JSON a recipe's ``train.deepspeed`` names: a file that exists as given, else a
+    shipped config of that file name (``zero3``, ``zero3.json`` and ``recipes/deepspeed/zero3.json``
+    all name it, from any working directory and from an installed wheel); ``None``: ``zero2``."""
+    if value is None:
+        return SHIPPED_DEEPSPEED / DEFAULT_DEEPSPEED
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    name = path.name if path.suffix == ".json" else f"{path.name}.json"
+    if (SHIPPED_DEEPSPEED / name).is_file():
+        return SHIPPED_DEEPSPEED / name
+    shipped = ", ".join(sorted(p.stem for p in SHIPPED_DEEPSPEED.glob("*.json")))
+    raise ValueError(f"train.deepspeed: {value}: no such file, and not a shipped config "
+                     f"(shipped: {shipped})")
+
+
+def global_batch_size(train: dict, world_size: int) -> int:
+    """The global batch: ``per_device_train_batch_size x world size x grad_accum`` when the
+    recipe gives HF's per-device size, else ``train.batch_size``."""
+    per_device = train.get("per_device_train_batch_size")
+    if per_device is not None:
+        return int(per_device) * world_size * train["grad_accum"]
+    return train["batch_size"]
+
+
+#: sections of an HF-Trainer-style ZeRO JSON that describe what the recipe already sets: the
+#: recipe's AdamW and schedule are handed to DeepSpeed as client objects, so these go
+CLIENT_SECTIONS = ("optimizer", "scheduler")
+
+
+def fill_deepspeed_config(path: str | Path, train: dict, world_size: int,
+                          hidden_size: int | None = None) -> dict:
+    """Load a ZeRO JSON and replace its ``"auto"`` values from the recipe's ``train`` section,
+    as HF's Trainer does: batch sizes, accumulation, clipping, bf16/fp16, and with
+    ``hidden_size`` (the LLM's width) ZeRO's bucket sizes (``reduce_bucket_size`` = h²,
+    ``stage3_prefetch_bucket_size`` = 0.9 h², ``stage3_param_persistence_threshold`` = 10 h).
+    ``optimizer`` / ``scheduler`` sections are checked and dropped: the recipe's AdamW (``lr``,
+    ``weight_decay``) and ``transformers.get_scheduler`` schedule are the ones used, so a value
+    there other than ``"auto"`` that disagrees with the recipe is an error."""
     config = json.loads(Path(path).read_text())
-    micro = micro_batch_size(train["batch_size"], world_size, train["grad_accum"])
-    auto = {
-        "train_batch_size": train["batch_size"],
+    batch = global_batch_size(train, world_size)
+    micro = micro_batch_size(batch, world_size, train["grad_accum"])
+    auto: dict = {
+        "train_batch_size": batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": train["grad_accum"],
         "gradient_clipping": train["max_grad_norm"],
     }
+    if hidden_size:
+        auto.update(reduce_bucket_size=hidden_size * hidden_size,
+                    stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+                    stage3_param_persistence_threshold=10 * hidden_size)
+    _check_client_sections(config, train, path)
 
     def fill(node: dict, values: dict) -> None:
         for key, value in list(node.items()):
@@ -106,8 +155,9 @@ def fill_deepspeed_config(path: str | Path, train: dict, world_size: int) -> dic
                 node[key] = values[key]
 
     fill(config, auto)
-    for key, value in auto.items():
-        config.setdefault(key, value)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        config.setdefault(key, auto[key])
     precision = train["precision"]
     for name in ("bf16", "fp16"):
         section = config.setdefault(name, {})
@@ -117,6 +167,31 @@ def fill_deepspeed_config(path: str | Path, train: dict, world_size: int) -> dic
     if leftover:
         raise ValueError(f"{path}: cannot fill 'auto' for {', '.join(leftover)} from the recipe")
     return config
+
+
+def _check_client_sections(config: dict, train: dict, path) -> None:
+    """Drop ``optimizer`` / ``scheduler`` (see :func:`fill_deepspeed_config`), refusing values
+    that say something other than the recipe."""
+    optimizer = config.pop("optimizer", None)
+    config.pop("scheduler", None)  # HF fills it from the Trainer's schedule: ours is the recipe's
+    if optimizer is None:
+        return
+    kind = str(optimizer.get("type", "AdamW"))
+    if kind.lower() not in ("adam", "adamw"):
+        raise ValueError(f"{path}: optimizer.type {kind!r}: the recipe trains with AdamW; remove "
+                         f"the optimizer section or set its type to AdamW")
+    ours = {"lr": ("train.lr", train["lr"]), "weight_decay": ("train.weight_decay", train["weight_decay"]),
+            "betas": ("torch.optim.AdamW's default", [0.9, 0.999]),
+            "eps": ("torch.optim.AdamW's default", 1e-8)}
+    for key, value in (optimizer.get("params") or {}).items():
+        if value == "auto" or key not in ours:
+            continue
+        where, want = ours[key]
+        same = ([float(v) for v in value] == want if isinstance(value, list)
+                else float(value) == float(want))
+        if not same:
+            raise ValueError(f"{path}: optimizer.params.{key} is {value!r} but the run uses "
+                             f"{where} = {want!r}; set it to \"auto\" (or change the recipe)")
 
 
 def _walk(node: dict, prefix: str = ""):

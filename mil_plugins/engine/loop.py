@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from mil_plugins.engine.batches import micro_batch_stream
+from mil_plugins.engine.distributed import global_batch_size
 from mil_plugins.engine.optim import make_scheduler, param_groups
 from mil_plugins.methods.dispatch import MethodHooks
 
@@ -174,7 +176,7 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
     model = ctx.model
     hooks = MethodHooks.of(methods, ctx)
     accum, world = train_cfg["grad_accum"], dist.world_size
-    global_batch = train_cfg["batch_size"]
+    global_batch = global_batch_size(train_cfg, world)
     n = len(plan.samples)
     if n == 0:
         raise ValueError(f"stage {plan.key!r} has no training samples")
@@ -187,7 +189,7 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
         raise ValueError(f"stage {plan.key!r}: nothing is trainable (check train.trainable and "
                          f"the methods' trainable hooks)")
     optimizer = torch.optim.AdamW(groups, lr=plan.lr, foreach=False)
-    scheduler = make_scheduler(optimizer, train_cfg["scheduler"], total, train_cfg["warmup_ratio"])
+    scheduler = make_scheduler(optimizer, train_cfg, total)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scheduler.load_state_dict(optimizer_state["scheduler"])
@@ -207,13 +209,15 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
     epoch = start_step // steps_per_epoch
     while step < total:
         batches = epoch_order(n, train_cfg["seed"], plan.index, epoch, global_batch)
-        for k in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            if step >= total:
-                break
+        first = step - epoch * steps_per_epoch
+        steps_here = range(first, min(steps_per_epoch, first + total - step))
+        micro_lists = {k: rank_micro_batches(batches[k], dist.rank, world, accum) for k in steps_here}
+        stream = micro_batch_stream(dataset, collate, [m for k in steps_here for m in micro_lists[k]],
+                                    train_cfg.get("dataloader_num_workers", 0))
+        for k in steps_here:
             terms_sum: dict[str, float] = {}
             loss_sum = 0.0
-            micro_batches = [to_device(collate([dataset[i] for i in micro]), dist.device)
-                             for micro in rank_micro_batches(batches[k], dist.rank, world, accum)]
+            micro_batches = [to_device(next(stream), dist.device) for _ in micro_lists[k]]
             targets = dist.all_reduce_sum(sum(count_targets(b) for b in micro_batches))
             # HF divides the summed loss by num_items_in_batch: the global count / (world x accum)
             per_micro = max(targets, 1) / (world * accum)

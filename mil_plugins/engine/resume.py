@@ -26,6 +26,9 @@ SAFE_CHANGES = (
     "train.feature_cache",
     "train.deepspeed",
     "output.tensorboard",
+    "output.report_to",
+    "train.dataloader_num_workers",
+    "train.gradient_checkpointing",
     "output.keep_stage_checkpoints",
     "eval.batch_size",
     "data.root",           # the folder moved: the manifests' checksums still have to match

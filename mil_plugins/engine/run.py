@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from mil_plugins.engine import checkpoint as ckpt
-from mil_plugins.engine.distributed import fill_deepspeed_config, init_distributed
-from mil_plugins.engine.logs import JsonlLogger
+from mil_plugins.engine.distributed import (fill_deepspeed_config, init_distributed,
+                                            resolve_deepspeed_config)
+from mil_plugins.engine.logs import JsonlLogger, report_targets
 from mil_plugins.engine.loop import StagePlan, train_stage
 from mil_plugins.engine.preflight import preflight
 from mil_plugins.engine.resume import check_resume, data_fingerprint
@@ -25,6 +26,7 @@ from mil_plugins.engine.rundir import RunFolder
 from mil_plugins.engine.session import Session
 from mil_plugins.engine.trainable import apply_trainable, group_names
 from mil_plugins.evaluate import predict, score_predictions
+from mil_plugins.launcher_args import add_launcher_args
 from mil_plugins.methods.context import Stage
 from mil_plugins.methods.teacher import TeacherSource
 from mil_plugins.recipe import load_recipe
@@ -72,7 +74,8 @@ class Runner:
                                tokenizer_dir=loaded["tokenizer_dir"] if loaded else None)
         self.ctx, self.methods, self.model = self.session.ctx, self.session.methods, self.session.model
         self.hooks = self.session.hooks
-        self.logger = JsonlLogger(self.out, self.dist.is_main, recipe["output"]["tensorboard"])
+        self.logger = JsonlLogger(self.out, self.dist.is_main, report_targets(recipe["output"]),
+                                  run_config={k: v for k, v in recipe.items() if k != "_source"})
         stages = recipe["stages"]
         self.state: dict[str, Any] = {
             "completed": 0, "warmup_done": False, "in_stage": None, "step": 0,
@@ -139,11 +142,9 @@ class Runner:
     def _ds_config(self) -> dict | None:
         if not self.dist.deepspeed:
             return None
-        repo = Path(__file__).resolve().parents[2]
-        path = Path(self.recipe["train"]["deepspeed"] or "recipes/deepspeed/zero2.json")
-        if not path.is_absolute() and not path.exists() and (repo / path).exists():
-            path = repo / path  # the shipped ZeRO configs, whatever the working directory
-        return fill_deepspeed_config(path, self.recipe["train"], self.dist.world_size)
+        path = resolve_deepspeed_config(self.recipe["train"]["deepspeed"])  # or a shipped one
+        return fill_deepspeed_config(path, self.recipe["train"], self.dist.world_size,
+                                     hidden_size=self.model.base_llm().config.hidden_size)
 
     def _train(self, plan: StagePlan, names: set[str], stage: Stage | None) -> dict:
         count = apply_trainable(self.model, names)
@@ -272,8 +273,10 @@ class Runner:
             self.state["trainable_parameters"][i] = result["trainable_parameters"]
             self.state["seconds"][i] = result["seconds"]
             self.state["completed"] = i + 1
-            self.logger.log({"stage": stage.name, "event": "evaluated",
-                             "scores": self.state["accuracy_matrix"][i]})
+            row = self.state["accuracy_matrix"][i]
+            self.logger.log({"stage": stage.name, "event": "evaluated", "scores": row,
+                             "after_stage": i + 1,  # report_to: eval/<stage> over stages trained
+                             "eval": {s.name: row[s.index] for s in stages if row[s.index] is not None}})
             path = ckpt.stage_dir(self.ckpt_root, i, stage.name)
             self._save(path)
             if self.dist.is_main:
@@ -321,13 +324,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --resume: allow this recipe key to differ from the checkpoint's "
                              "(only keys that do not change what is learned, e.g. "
                              "train.log_every_steps)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; ignored otherwise")
+    add_launcher_args(parser)
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.deepspeed:
+        args.overrides.append(f"train.deepspeed={args.deepspeed}")
     recipe = load_recipe(args.recipe, args.overrides)
     threads = os.environ.get("MIL_NUM_THREADS") or recipe["train"]["num_threads"]
     if threads:

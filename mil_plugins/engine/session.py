@@ -18,6 +18,12 @@ from mil_plugins.methods.context import MethodContext, Stage
 from mil_plugins.methods.dispatch import MethodHooks
 
 
+def _in_dataloader_worker() -> bool:
+    from torch.utils.data import get_worker_info
+
+    return get_worker_info() is not None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -48,6 +54,9 @@ class Session:
         self.tokenizer = self._tokenizer(tokenizer_dir)
         seed_everything(self.seed)
         self.model = self._build_model()
+        if recipe["train"].get("gradient_checkpointing"):  # .get: checkpoints from before the key
+            from mil_plugins.engine.activation_checkpointing import enable_gradient_checkpointing
+            enable_gradient_checkpointing(self.model)
         self.model.to(dist.device)
         # the model's plugin objects preprocess the data (an adopted tower brings its own image one)
         self.plugins = dict(self.model.plugins)
@@ -146,6 +155,8 @@ class Session:
         plugin = self.plugins[modality]
         if self.model.is_trainable_encoder(modality) or not self.recipe["train"]["feature_cache"]:
             return "input", plugin.preprocess(path)
+        if self.dist.device.type != "cpu" and _in_dataloader_worker():
+            return "input", plugin.preprocess(path)  # a forked DataLoader worker cannot use the GPU
         key = (modality, str(path))
         if key not in self._features:
             from mil_plugins.cache import cached_encode, encoder_fingerprint

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from mil_plugins.recipe import schema as S
+from mil_plugins.recipe.hf_names import canonical_key, canonical_names, normalize_report_to
 from mil_plugins.recipe.yaml_safe import RecipeYAMLError, load_yaml
 
 
@@ -68,7 +69,7 @@ def read_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in _seen:
         raise RecipeError(path, "extends", "circular extends: " + " -> ".join(map(str, _seen + (path,))))
-    data = _read_yaml(path)
+    data = canonical_names(_read_yaml(path), path)  # HF TrainingArguments names -> ours
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -84,6 +85,7 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "command lin
         if "=" not in item:
             raise RecipeError(source, item, "an override must look like key.path=value")
         key, raw = item.split("=", 1)
+        key = canonical_key(key)
         parts = key.split(".")
         if not key.strip() or any(not p.strip() for p in parts):
             raise RecipeError(source, item, "an override must look like key.path=value (the key "
@@ -313,13 +315,26 @@ def _check_group(group: str, source: str, key: str) -> None:
                                        f"{', '.join(S.TRAINABLE_GROUPS)}")
 
 
+def _check_scheduler(recipe: dict, source: str) -> None:
+    """The scheduler type with its ``lr_scheduler_kwargs`` builds (on a dummy optimiser)."""
+    from mil_plugins.engine.optim import check_scheduler
+
+    try:
+        check_scheduler(recipe["train"])
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(source, "train.lr_scheduler_kwargs", " ".join(str(exc).split())) from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     """Read, merge, override and validate a recipe; returns the full recipe with defaults."""
     path = Path(path)
     data = read_with_extends(path)
-    data = apply_overrides(data, overrides or [])
+    data = canonical_names(apply_overrides(data, overrides or []), path)  # e.g. train={...HF names}
+    if isinstance(data.get("output"), dict) and "report_to" in data["output"]:
+        data["output"]["report_to"] = normalize_report_to(data["output"]["report_to"], path)
     recipe = _check_section(data, {k: v for k, v in S.RECIPE.items() if k != "extends"},
                             str(path), "")
     _check_names(recipe, str(path))
+    _check_scheduler(recipe, str(path))
     recipe["_source"] = str(path)
     return recipe

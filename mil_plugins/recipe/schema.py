@@ -108,6 +108,8 @@ METHOD = {
 TRAIN = {
     "seed": (int, 0),
     "batch_size": (int, 16),                 # global batch (all ranks x accumulation)
+    "per_device_train_batch_size": (Optional(int), None),  # HF: micro batch per rank; when set,
+                                             # the global batch is it x world size x grad_accum
     "grad_accum": (int, 1),
     "epochs": (NUMBER, 1),
     "max_steps": (Optional(int), None),
@@ -115,7 +117,9 @@ TRAIN = {
     "mm_projector_lr": (Optional(NUMBER), None),  # LLaVA's separate projector LR
     "weight_decay": (NUMBER, 0.0),
     "warmup_ratio": (NUMBER, 0.03),
-    "scheduler": (str, "cosine"),            # cosine | linear | constant
+    "warmup_steps": (Optional(int), None),   # HF: wins over warmup_ratio when set
+    "scheduler": (str, "cosine"),            # any transformers.get_scheduler type (SCHEDULERS)
+    "lr_scheduler_kwargs": (dict, {}),       # HF: the scheduler's own arguments (num_cycles, min_lr ...)
     "max_grad_norm": (NUMBER, 1.0),
     "trainable": (ListOf(str), ["connector"]),
     "precision": (str, "fp32"),              # fp32 | bf16 | fp16
@@ -125,6 +129,8 @@ TRAIN = {
     "num_threads": (Optional(int), None),    # torch CPU threads (null: torch's default); 1 is
                                              # fastest for tiny models on small machines
     "log_every_steps": (int, 10),
+    "gradient_checkpointing": (bool, False),  # HF: recompute the LLM's activations in backward
+    "dataloader_num_workers": (int, 0),      # HF: preprocessing in this many DataLoader workers
 }
 
 WARMUP = {
@@ -145,6 +151,7 @@ EVAL = {
 OUTPUT = {
     "dir": (str, REQUIRED),
     "tensorboard": (bool, True),
+    "report_to": (Optional(ListOf(str)), None),  # HF: tensorboard | wandb (null: from `tensorboard`)
     "keep_stage_checkpoints": (bool, True),
 }
 
@@ -161,6 +168,13 @@ RECIPE = {
     "output": (OUTPUT, REQUIRED),
 }
 
+#: every ``transformers.SchedulerType`` (``transformers.get_scheduler`` builds them; a test keeps
+#: this list equal to transformers')
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+              "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+              "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
+REPORT_TO = ("tensorboard", "wandb")
+
 TRAINABLE_GROUPS = ("llm", "lora", "connector", "encoder", "embeddings")
 CHOICES = {
     ("model", "connector", "mode"): ("shared", "per_modality"),
@@ -168,7 +182,7 @@ CHOICES = {
     ("data", "on_error"): ("raise", "skip"),
     ("data", "preflight"): ("full", "manifests", "off"),
     ("data", "generate", "size"): ("tiny", "small", "full"),
-    ("train", "scheduler"): ("cosine", "linear", "constant"),
+    ("train", "scheduler"): SCHEDULERS,
     ("train", "precision"): ("fp32", "bf16", "fp16"),
 }
 
@@ -227,6 +241,9 @@ RANGES = {
     ("train", "save_every_steps"): NON_NEGATIVE,  # 0 = only at stage ends
     ("train", "num_threads"): AT_LEAST_1,
     ("train", "log_every_steps"): AT_LEAST_1,
+    ("train", "per_device_train_batch_size"): AT_LEAST_1,
+    ("train", "warmup_steps"): NON_NEGATIVE,
+    ("train", "dataloader_num_workers"): NON_NEGATIVE,
     ("warmup", "epochs"): POSITIVE,
     ("warmup", "max_steps"): AT_LEAST_1,
     ("warmup", "lr"): NON_NEGATIVE,
