@@ -91,6 +91,8 @@ class Checker:
         self.env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT)] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p])
         self.env.setdefault("MIL_NUM_THREADS", "1" if dry_run else "4")
+        if not dry_run:
+            self.env.setdefault("NCCL_DEBUG", "INFO")
         if dry_run:
             self.env["CUDA_VISIBLE_DEVICES"] = ""  # a dry run claims nothing about a GPU
             # DeepSpeed JIT-builds its CPU allreduce op; a private folder avoids stale locks
@@ -181,9 +183,8 @@ class Checker:
         started = time.time()
         rc, text, out = self.train(name, *extra, deepspeed=deepspeed)
         detail = self.finished(rc, out)
-        if deepspeed:
-            backend = re.search(r"backend (nccl|gloo)", text)
-            detail["dist_backend"] = backend.group(1) if backend else None
+        if deepspeed:  # NCCL_DEBUG=INFO (GPU mode): NCCL names itself when it sets up a communicator
+            detail["nccl_seen"] = "NCCL INFO" in text
         self.record(name, detail.pop("ok"), started, **detail)
 
     def resume_check(self) -> None:

@@ -9,12 +9,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+SITE=${MIL_GPU_SITE:-/tmp/site}   # where the carried wheels are installed
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 if compgen -G "bench/.gpu-carry/whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site bench/.gpu-carry/whl/*.whl || exit 1
-  export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  export PATH=/tmp/site/bin:$PATH
+    --target "$SITE" bench/.gpu-carry/whl/*.whl || exit 1
+  export PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}
+  export PATH=$SITE/bin:$PATH
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
