@@ -39,7 +39,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,7 +67,6 @@ class Shape:
     lora_r: int
     steps: int
     warmup: int
-    extra: dict = field(default_factory=dict)
 
     @property
     def image_tokens(self) -> int:
