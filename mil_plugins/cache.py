@@ -140,6 +140,15 @@ def _key_or_input_error(cache: FeatureCache, plugin: ModalityPlugin, path: str |
         raise
 
 
+def _encoder_input(x: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
+    """``x`` on the encoder's device, floating inputs in its dtype (a CUDA or bf16 encoder, e.g.
+    after DeepSpeed cast the model, gets what it can take; the preprocessors make CPU float32)."""
+    p = next(encoder.parameters(), None)
+    if p is None:
+        return x
+    return x.to(device=p.device, dtype=p.dtype if x.is_floating_point() else x.dtype)
+
+
 def cached_encode(cache: FeatureCache, plugin: ModalityPlugin, encoder: nn.Module,
                   path: str | Path, encoder_fingerprint: str) -> torch.Tensor:
     """Features ``[T, D]`` of one file: from the cache, or preprocess + encode + store."""
@@ -147,11 +156,11 @@ def cached_encode(cache: FeatureCache, plugin: ModalityPlugin, encoder: nn.Modul
     hit = cache.get(key)
     if hit is not None:
         return hit
-    x = plugin.preprocess(path)
+    x = _encoder_input(plugin.preprocess(path), encoder)
     with torch.no_grad():
-        features = encoder(x.unsqueeze(0))[0]
+        features = encoder(x.unsqueeze(0))[0].detach().cpu()
     cache.put(key, features)
-    return features.detach().cpu()
+    return features
 
 
 def cached_encode_batch(cache: FeatureCache, plugin: ModalityPlugin, encoder: nn.Module,
@@ -163,7 +172,7 @@ def cached_encode_batch(cache: FeatureCache, plugin: ModalityPlugin, encoder: nn
     todo = [i for i, t in enumerate(out) if t is None]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start: start + batch_size]
-        batch = plugin.collate([plugin.preprocess(paths[i]) for i in chunk])
+        batch = _encoder_input(plugin.collate([plugin.preprocess(paths[i]) for i in chunk]), encoder)
         with torch.no_grad():
             features = encoder(batch)
         for i, f in zip(chunk, features):
