@@ -41,19 +41,17 @@ def read_run(run_dir: Path) -> dict:
         raise FileNotFoundError(f"{run_dir}: no metrics.json (has the run finished?)") from None
 
 
-def _chance(per_task_stages: Iterable[str], stage_modalities: Mapping[str, str],
-            tasks: Mapping[str, Iterable[str]]) -> dict:
+def _chance(stage_modalities: Mapping[str, str], tasks: Mapping[str, Iterable[str]]) -> dict:
+    """Each task's chance level where it is a built-in benchmark task, else ``None``."""
+    from mil_plugins.benchmark.concepts import chance_level
+
     out: dict[str, dict[str, float | None]] = {}
-    try:
-        from mil_plugins.benchmark.concepts import chance_level
-    except ImportError:  # pragma: no cover
-        chance_level = None
-    for stage in per_task_stages:
+    for stage, names in tasks.items():
         out[stage] = {}
-        for task in tasks[stage]:
+        for task in names:
             try:
                 out[stage][task] = 100.0 * chance_level(stage_modalities[stage], task)
-            except (KeyError, TypeError):
+            except KeyError:
                 out[stage][task] = None
     return out
 
@@ -106,7 +104,7 @@ def aggregate(groups: Mapping[str, Sequence[Path]], reference: str | None = "fin
                                      [r.get(k) for m, r in pairs if r is not None])
                            for k, _, _ in METRICS}
         out["groups"][label] = g
-    out["chance"] = _chance(task_names, stage_modalities, task_names)
+    out["chance"] = _chance(stage_modalities, task_names)
     out["stages"] = list(stage_modalities)
     return out
 
