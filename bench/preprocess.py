@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                       "point ply 20k pts"):
             path = files[label]
             plugin = plugins[label.split()[0]]
-            encoder = plugin.build_encoder()
+            encoder = plugin.make_encoder()
             fp = encoder_fingerprint(encoder)
 
             def recompute():

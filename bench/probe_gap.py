@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if gen is not None:
         from mil_plugins.benchmark import make_benchmark
         make_benchmark(Path(recipe["data"]["root"]), size=gen["size"], seed=gen["seed"])
+    from mil_plugins.engine.encoder_pretraining import apply_encoder_pretraining
+    apply_encoder_pretraining(recipe)
     names = args.stages.split(",") if args.stages else None
     t0 = time.time()
     result = {"recipe": args.recipe, "overrides": args.overrides,

@@ -20,6 +20,33 @@ from torch import nn
 from mil_plugins.registry import merge_options
 
 
+#: an option every modality plugin takes besides its own: a safetensors file holding the state
+#: dict of the encoder its options build (written by ``encoder_pretraining``, see
+#: :mod:`mil_plugins.engine.encoder_pretraining`, or by any code that saves ``encoder.state_dict()``)
+ENCODER_WEIGHTS = "encoder_weights"
+
+
+def load_encoder_weights(encoder: nn.Module, path: str | Path, modality: str) -> None:
+    """Load ``path`` (safetensors) into ``encoder`` strictly; one clear error naming the file."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"modality {modality!r}: encoder_weights {p} not found")
+    try:
+        state = load_file(str(p))
+    except Exception as exc:
+        raise ValueError(f"modality {modality!r}: cannot read encoder_weights {p} "
+                         f"({type(exc).__name__}: {exc})") from None
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"modality {modality!r}: encoder_weights {p} do not fit the encoder its "
+                         f"options build (were they saved with other options?): "
+                         f"{' '.join(first[:3])}") from None
+
+
 class ModalityInputError(ValueError):
     """A file cannot be used as input of a modality. The message names the file and the problem."""
 
@@ -59,8 +86,11 @@ class ModalityPlugin:
     version: ClassVar[str] = "1"
 
     def __init__(self, **options: Any):
+        weights = options.pop(ENCODER_WEIGHTS, None)
         self.options: dict[str, Any] = merge_options("modality", self.name, self.default_options,
                                                      options)
+        if weights is not None:  # only present when set, so other plugins' cache keys stay as they were
+            self.options[ENCODER_WEIGHTS] = str(weights)
 
     # -- to implement ----------------------------------------------------------------------------
     def preprocess(self, path: str | Path) -> torch.Tensor:
@@ -76,6 +106,15 @@ class ModalityPlugin:
         raise NotImplementedError
 
     # -- provided --------------------------------------------------------------------------------
+    def make_encoder(self) -> ModalityEncoder:
+        """:meth:`build_encoder`, then the weights of the ``encoder_weights`` option if it is set
+        (what the model and the integrations call)."""
+        encoder = self.build_encoder()
+        path = self.options.get(ENCODER_WEIGHTS)
+        if path:
+            load_encoder_weights(encoder, path, self.name)
+        return encoder
+
     def collate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Batch preprocessed tensors for the encoder (default: stack; all same shape)."""
         return torch.stack(tensors, 0)

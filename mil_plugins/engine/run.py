@@ -18,6 +18,7 @@ import torch
 from mil_plugins.engine import checkpoint as ckpt
 from mil_plugins.engine.distributed import (fill_deepspeed_config, init_distributed,
                                             resolve_deepspeed_config)
+from mil_plugins.engine.encoder_pretraining import apply_encoder_pretraining
 from mil_plugins.engine.logs import JsonlLogger, report_targets
 from mil_plugins.engine.loop import StagePlan, train_stage
 from mil_plugins.engine.preflight import preflight
@@ -65,6 +66,8 @@ class Runner:
         recipe = self.recipe
         self.dist.barrier()
         self._prepare_data()
+        apply_encoder_pretraining(recipe, self.dist,
+                                  log=print if self.dist.is_main else (lambda *_: None))
         self.data_fingerprint = data_fingerprint(recipe)
         loaded = self._read_resume_checkpoint(allow_changes) if resume else None
         if self.dist.is_main:

@@ -95,7 +95,7 @@ class MultimodalLM(nn.Module):
 
         The placeholder becomes one special token of the tokenizer (reused when the tokenizer
         already has it) and the LLM's embedding matrix grows to the tokenizer's size if needed.
-        ``encoder`` defaults to ``plugin.build_encoder()``; ``projector_type`` (per_modality
+        ``encoder`` defaults to ``plugin.make_encoder()``; ``projector_type`` (per_modality
         connector) defaults to ``plugin.default_projector``. A connector that already has an
         entry for the modality (rebuilt from a checkpoint) keeps it.
         """
@@ -110,7 +110,7 @@ class MultimodalLM(nn.Module):
                                  f"already used by {other!r}")
         token_id = self._ensure_special_token(plugin.placeholder)
         if encoder is None:
-            encoder = plugin.build_encoder()
+            encoder = plugin.make_encoder()
         hidden, ntok = int(encoder.hidden_size), int(encoder.num_tokens)
         trainable = bool(plugin.options.get("trainable", False))
         ref = self.llm.get_input_embeddings().weight

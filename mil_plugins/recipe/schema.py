@@ -88,6 +88,24 @@ DATA = {
                                              # manifests (structure and metrics only) | off
 }
 
+PRETRAIN_DATA = {
+    "root": (str, REQUIRED),                 # manifests and media of the pretraining data
+    "generate": (Optional(GENERATE), None),  # generate the built-in benchmark there when missing
+}
+
+#: encoders trained once on labelled data of their modality (mil_plugins.engine.encoder_pretraining)
+ENCODER_PRETRAINING = {
+    "data": (PRETRAIN_DATA, REQUIRED),
+    "manifests": (ListOf(str), ["{modality}/train.json", "{modality}/test.json"]),
+    "modalities": (Optional(ListOf(str)), None),   # null: every stage's modality
+    "steps": (int, 1500),
+    "batch_size": (int, 32),
+    "lr": (NUMBER, 1.0e-3),
+    "weight_decay": (NUMBER, 0.01),
+    "seed": (int, 0),
+    "dir": (Optional(str), None),            # where the weights are kept (null: <data.root>/encoders)
+}
+
 STAGE = {
     "name": (str, REQUIRED),
     "modality": (Optional(str), None),       # None = text only
@@ -161,6 +179,7 @@ RECIPE = {
     "modalities": (MapOf(dict), {}),
     "data": (DATA, REQUIRED),
     "warmup": (Optional(WARMUP), None),
+    "encoder_pretraining": (Optional(ENCODER_PRETRAINING), None),
     "stages": (ListOf(STAGE), REQUIRED),
     "methods": (ListOf(METHOD), [{"name": "finetune"}]),
     "train": (TRAIN, {}),
@@ -182,6 +201,7 @@ CHOICES = {
     ("data", "on_error"): ("raise", "skip"),
     ("data", "preflight"): ("full", "manifests", "off"),
     ("data", "generate", "size"): ("tiny", "small", "full"),
+    ("encoder_pretraining", "data", "generate", "size"): ("tiny", "small", "full"),
     ("train", "scheduler"): SCHEDULERS,
     ("train", "precision"): ("fp32", "bf16", "fp16"),
 }
@@ -247,12 +267,18 @@ RANGES = {
     ("warmup", "epochs"): POSITIVE,
     ("warmup", "max_steps"): AT_LEAST_1,
     ("warmup", "lr"): NON_NEGATIVE,
+    ("encoder_pretraining", "steps"): AT_LEAST_1,
+    ("encoder_pretraining", "batch_size"): AT_LEAST_1,
+    ("encoder_pretraining", "lr"): POSITIVE,
+    ("encoder_pretraining", "weight_decay"): NON_NEGATIVE,
+    ("encoder_pretraining", "seed"): NON_NEGATIVE,
+    ("encoder_pretraining", "data", "generate", "seed"): NON_NEGATIVE,
     ("eval", "batch_size"): AT_LEAST_1,
     ("eval", "max_new_tokens"): AT_LEAST_1,
 }
 
 #: strings that must not be empty (an empty output.dir would write into the working directory)
-NON_EMPTY = {("data", "root"), ("output", "dir"), ("stages", "*", "name"), ("stages", "*", "train"),
+NON_EMPTY = {("data", "root"), ("encoder_pretraining", "data", "root"), ("output", "dir"), ("stages", "*", "name"), ("stages", "*", "train"),
              ("warmup", "train"), ("model", "template")}
 #: stage names become checkpoint folder names (stage-01-NAME)
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"

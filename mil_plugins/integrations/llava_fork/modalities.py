@@ -106,7 +106,7 @@ def add_modalities(model: Any, modalities: Mapping[str, Mapping | None] | list,
         if plugin.placeholder in taken:
             raise ValueError(f"add_modalities: placeholder {plugin.placeholder!r} of {name!r} is "
                              f"already used by {taken[plugin.placeholder]!r}")
-        encoder = plugin.build_encoder()
+        encoder = plugin.make_encoder()
         ptype = (projector_types or {}).get(name) or projector_type or plugin.default_projector
         projector = build_projector(ptype, int(encoder.hidden_size), hidden)
         trainable = bool(plugin.options.get("trainable", False))
