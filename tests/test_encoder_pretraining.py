@@ -19,7 +19,7 @@ from mil_plugins.recipe import load_recipe
 from mil_plugins.recipe.load import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"steps": 40, "batch_size": 16, "lr": 3e-3, "weight_decay": 0.0, "seed": 0}
+SETTINGS = {"steps": 8, "batch_size": 16, "lr": 3e-3, "weight_decay": 0.0, "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_weights_are_trained_once_and_keyed_on_what_changes_them(pre_root, tmp_p
     path = pretrained_weights(recipe, "image", log=lambda *_: None)
     assert path.is_file() and path.with_suffix(".json").is_file()
     side = json.loads(path.with_suffix(".json").read_text())
-    assert side["settings"]["steps"] == 40 and side["modality"] == "image"
+    assert side["settings"]["steps"] == 8 and side["modality"] == "image"
     stamp = path.stat().st_mtime_ns
     again = pretrained_weights(_recipe(pre_root, tmp_path), "image", log=lambda *_: None)
     assert again == path and path.stat().st_mtime_ns == stamp  # found, not retrained
@@ -119,6 +119,29 @@ def test_recipe_that_names_its_weights_is_left_alone(pre_root, tmp_path, monkeyp
                      f"modalities.image.encoder_weights={mine}")
     out = apply_encoder_pretraining(recipe, log=lambda *_: None)
     assert out["modalities"]["image"][ENCODER_WEIGHTS] == str(mine)
+
+
+def test_steps_by_modality_and_workers_give_the_same_weights(pre_root, tmp_path):
+    from safetensors.torch import load_file
+
+    base = ["encoder_pretraining.modalities=[image, audio]", "encoder_pretraining.steps=4",
+            "encoder_pretraining.steps_by_modality={audio: 3}"]
+    serial = apply_encoder_pretraining(_recipe(pre_root, tmp_path, *base,
+                                               f"encoder_pretraining.dir={tmp_path / 'w1'}"),
+                                       log=lambda *_: None)
+    parallel = apply_encoder_pretraining(_recipe(pre_root, tmp_path, *base,
+                                                 "encoder_pretraining.workers=2",
+                                                 f"encoder_pretraining.dir={tmp_path / 'w2'}"),
+                                         log=lambda *_: None)
+    for m in ("image", "audio"):
+        a = Path(serial["modalities"][m][ENCODER_WEIGHTS])
+        b = Path(parallel["modalities"][m][ENCODER_WEIGHTS])
+        assert a.name == b.name and a.parent != b.parent
+        sa, sb = load_file(str(a)), load_file(str(b))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    side = json.loads(Path(serial["modalities"]["audio"][ENCODER_WEIGHTS]).with_suffix(".json")
+                      .read_text())
+    assert side["settings"]["steps"] == 3
 
 
 def test_bad_weights_name_the_file(tmp_path):

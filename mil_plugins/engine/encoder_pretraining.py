@@ -33,8 +33,15 @@ from torch import nn
 from mil_plugins.atomic import atomic_write_json
 from mil_plugins.modality import ENCODER_WEIGHTS, ModalityPlugin
 
-#: the settings that change the weights (part of the key)
+#: the settings that change the weights (part of the key; ``steps`` is the modality's own)
 _KEYED = ("steps", "batch_size", "lr", "weight_decay", "seed")
+
+
+def modality_settings(cfg: dict, modality: str) -> dict:
+    """The training settings of one modality: ``steps_by_modality`` overrides ``steps``."""
+    out = {k: cfg[k] for k in _KEYED}
+    out["steps"] = int((cfg.get("steps_by_modality") or {}).get(modality, cfg["steps"]))
+    return out
 
 
 def _answer(sample) -> str:
@@ -106,7 +113,17 @@ def labelled_inputs(plugin: ModalityPlugin, samples: list) -> tuple[list, torch.
 
 
 def pretrain_encoder(plugin: ModalityPlugin, samples: list, settings: dict) -> tuple[dict, dict]:
-    """Train the encoder ``plugin`` builds on ``samples``; ``(state_dict, info)``."""
+    """Train the encoder ``plugin`` builds on ``samples``; ``(state_dict, info)``. Runs on one
+    CPU thread, so the weights are the same bits in any process (``workers`` runs several)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain(plugin, samples, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(plugin: ModalityPlugin, samples: list, settings: dict) -> tuple[dict, dict]:
     t0 = time.time()
     inputs, task, label, classes = labelled_inputs(plugin, samples)
     gen = torch.Generator().manual_seed(int(settings["seed"]))
@@ -156,7 +173,7 @@ def weights_key(plugin: ModalityPlugin, settings: dict, manifests: list[Path]) -
     """What determines the pretrained weights: plugin identity (code, options), settings, data."""
     from mil_plugins.cache import content_hash
 
-    identity = {"plugin": plugin.fingerprint(), "settings": {k: settings[k] for k in _KEYED},
+    identity = {"plugin": plugin.fingerprint(), "settings": settings,
                 "manifests": [content_hash(p) for p in manifests]}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -179,14 +196,15 @@ def pretrained_weights(recipe: dict, modality: str, log=print) -> Path:
     root = Path(cfg["data"]["root"])
     plugin = _plugin_without_weights(modality, recipe["modalities"].get(modality))
     manifests = [root / m.format(modality=modality) for m in cfg["manifests"]]
-    key = weights_key(plugin, cfg, manifests)
+    settings = modality_settings(cfg, modality)
+    key = weights_key(plugin, settings, manifests)
     out_dir = Path(cfg["dir"]) if cfg["dir"] else root / "encoders"
     target = out_dir / f"{modality}-{key}.safetensors"
     if target.is_file():
         return target
     samples = list(load_manifests(manifests, root, {modality: plugin}, on_error="raise").samples)
-    log(f"[mil] encoder_pretraining {modality}: {len(samples)} samples, {cfg['steps']} steps")
-    state, info = pretrain_encoder(plugin, samples, cfg)
+    log(f"[mil] encoder_pretraining {modality}: {len(samples)} samples, {settings['steps']} steps")
+    state, info = pretrain_encoder(plugin, samples, settings)
     log(f"[mil] encoder_pretraining {modality}: train accuracy {info['train_accuracy']} "
         f"({info['seconds']} s)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +213,7 @@ def pretrained_weights(recipe: dict, modality: str, log=print) -> Path:
     tmp.replace(target)
     atomic_write_json(target.with_suffix(".json"), {
         "modality": modality, "plugin_fingerprint": plugin.fingerprint(),
-        "settings": {k: cfg[k] for k in _KEYED}, "manifests": [str(m) for m in manifests], **info})
+        "settings": settings, "manifests": [str(m) for m in manifests], **info})
     return target
 
 
@@ -215,8 +233,7 @@ def apply_encoder_pretraining(recipe: dict, dist=None, log=print) -> dict:
             from mil_plugins.benchmark import make_benchmark
             make_benchmark(Path(cfg["data"]["root"]), size=gen["size"], seed=gen["seed"],
                            modalities=wanted)
-        for m in wanted:
-            pretrained_weights(recipe, m, log)
+        _train_missing(recipe, wanted, log)
     if dist is not None:
         dist.barrier()
     for m in wanted:  # every rank computes the same key, so the same file
@@ -224,3 +241,25 @@ def apply_encoder_pretraining(recipe: dict, dist=None, log=print) -> dict:
         recipe["modalities"][m] = {**(recipe["modalities"][m] or {}),
                                    ENCODER_WEIGHTS: str(pretrained_weights(recipe, m, log))}
     return recipe
+
+
+def _train_one(recipe: dict, modality: str) -> str:
+    torch.set_num_threads(1)
+    return str(pretrained_weights(recipe, modality, log=lambda *a: print(*a, flush=True)))
+
+
+def _train_missing(recipe: dict, modalities: list[str], log) -> None:
+    """Train the missing weights, ``encoder_pretraining.workers`` modalities at a time (processes;
+    each is seeded on its own, so the weights do not depend on the number of workers)."""
+    workers = min(int(recipe["encoder_pretraining"]["workers"]), len(modalities))
+    if workers <= 1:
+        for m in modalities:
+            pretrained_weights(recipe, m, log)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    clean = {k: v for k, v in recipe.items() if k != "_source"}
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        for future in [pool.submit(_train_one, clean, m) for m in modalities]:
+            future.result()  # re-raises a worker's error (it names the modality / sample)

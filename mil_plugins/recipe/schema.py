@@ -98,12 +98,14 @@ ENCODER_PRETRAINING = {
     "data": (PRETRAIN_DATA, REQUIRED),
     "manifests": (ListOf(str), ["{modality}/train.json", "{modality}/test.json"]),
     "modalities": (Optional(ListOf(str)), None),   # null: every stage's modality
-    "steps": (int, 1500),
+    "steps": (int, 1000),
+    "steps_by_modality": (MapOf(int), {}),   # e.g. {point: 300}: a modality's own step count
     "batch_size": (int, 32),
     "lr": (NUMBER, 1.0e-3),
     "weight_decay": (NUMBER, 0.01),
     "seed": (int, 0),
     "dir": (Optional(str), None),            # where the weights are kept (null: <data.root>/encoders)
+    "workers": (int, 1),                     # modalities trained at once (processes)
 }
 
 STAGE = {
@@ -269,6 +271,8 @@ RANGES = {
     ("warmup", "lr"): NON_NEGATIVE,
     ("encoder_pretraining", "steps"): AT_LEAST_1,
     ("encoder_pretraining", "batch_size"): AT_LEAST_1,
+    ("encoder_pretraining", "steps_by_modality", "*"): AT_LEAST_1,
+    ("encoder_pretraining", "workers"): AT_LEAST_1,
     ("encoder_pretraining", "lr"): POSITIVE,
     ("encoder_pretraining", "weight_decay"): NON_NEGATIVE,
     ("encoder_pretraining", "seed"): NON_NEGATIVE,
