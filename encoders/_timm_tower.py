@@ -65,8 +65,8 @@ class TimmTower(nn.Module):
     """A timm ViT-like model, LLaVA feature selection: ``[B, C, S, S] -> [B, T, D]``.
 
     ``select_layer`` counts like transformers' ``hidden_states`` (``i`` = output of block ``i``, -1
-    the last block, -2 the penultimate as LLaVA uses; 0, the embeddings, is not available from
-    timm). Blocks after the selected one are not run. ``model`` is the timm module.
+    the last block, -2 the penultimate as LLaVA uses, 0 = the embeddings, the first block's input).
+    Blocks after the selected one are not run. ``model`` is the timm module.
     """
 
     def __init__(self, model: nn.Module, *, select_layer: int, select_feature: str, modality: str):
@@ -77,9 +77,9 @@ class TimmTower(nn.Module):
         self.model = model
         n = len(model.blocks)
         index = select_layer + n + 1 if select_layer < 0 else select_layer
-        if not 1 <= index <= n:
+        if not 0 <= index <= n:
             raise ValueError(f"modality {modality!r}: select_layer {select_layer} out of range for "
-                             f"{n} blocks (1..{n} or -{n}..-1)")
+                             f"{n} blocks (0..{n} or -{n}..-1)")
         self.block = index - 1
         self.select_layer = select_layer
         self.prefix = int(getattr(model, "num_prefix_tokens", 0))
@@ -95,9 +95,33 @@ class TimmTower(nn.Module):
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input [B, {', '.join(map(str, expected))}], got {list(x.shape)}")
         param = next(self.model.parameters())
-        out = self.model.forward_intermediates(
-            x.to(param.device, param.dtype), indices=[self.block], return_prefix_tokens=True,
-            norm=False, stop_early=True, output_fmt="NLC", intermediates_only=True)
-        patches, prefix = out[0]
-        tokens = torch.cat([prefix, patches], 1) if self.num_prefix else patches
-        return tokens.to(x.dtype)
+        x_in = x.to(param.device, param.dtype)
+        if self.block < 0:
+            tokens = self._embeddings(x_in)
+        else:
+            patches, prefix = self.model.forward_intermediates(
+                x_in, indices=[self.block], return_prefix_tokens=True, norm=False,
+                stop_early=True, output_fmt="NLC", intermediates_only=True)[0]
+            tokens = torch.cat([prefix, patches], 1)
+        return (tokens if self.num_prefix else tokens[:, self.prefix:]).to(x.dtype)
+
+    def _embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """The first block's input (embeddings, prefix tokens in front), stopping there."""
+        captured: list[torch.Tensor] = []
+
+        def stop(_module, args):
+            captured.append(args[0])
+            raise _Stop
+
+        handle = self.model.blocks[0].register_forward_pre_hook(stop)
+        try:
+            self.model.forward_features(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+class _Stop(Exception):
+    """Raised by the pre-hook of :meth:`TimmTower._embeddings` once it has the embeddings."""
