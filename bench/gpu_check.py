@@ -61,6 +61,8 @@ def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
     recipe = yaml.safe_load(RECIPE.read_text())
     stages = [s for s in recipe["stages"] if s["name"] in STAGES]
     modalities = {s["modality"]: recipe["modalities"].get(s["modality"]) or {} for s in stages}
+    for options in modalities.values():  # transformers' tiny CLIP: the GPU image may lack timm
+        options.setdefault("tiny_tower", "clip")
     return [str(RECIPE), f"data.root={data}", f"output.dir={out}", "data.generate=null",
             "output.tensorboard=false", f"modalities={json.dumps(modalities)}",
             f"stages={json.dumps(stages)}", "warmup.max_steps=2", "train.max_steps=3",

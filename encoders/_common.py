@@ -145,13 +145,16 @@ def check_positive_int(options: dict, keys: Sequence[str], modality: str) -> Non
 
 
 def check_vit_options(options: dict, modality: str) -> None:
-    """Options of the ViT towers (image, video, depth)."""
+    """Options of the vision towers (image, video, depth)."""
+    from encoders._towers import check_tower_options
+
     check_positive_int(options, ("image_size", "patch_size", "hidden_size", "layers", "heads"),
                        modality)
     check_choice(options, "select_feature", ("patch", "cls_patch"), modality)
     if "resample" in options:
         check_choice(options, "resample", tuple(_RESAMPLE), modality)
-    if options["pretrained"] is None:
+    check_tower_options(options, modality)
+    if not options["pretrained"] and not options["timm_model"]:  # a tiny tower
         require(options["image_size"] % options["patch_size"] == 0, modality,
                 f"image_size {options['image_size']} is not a multiple of patch_size "
                 f"{options['patch_size']}")

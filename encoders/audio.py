@@ -55,7 +55,7 @@ from torch.nn import functional as F
 
 from encoders._common import (check_choice, check_file, check_positive_int, describe_exc,
                               finish_encoder, require, seeded)
-from encoders._vit import Transformer, init_weights, select_hidden, sincos_1d
+from encoders._transformer import Transformer, init_weights, select_hidden, sincos_1d
 from mil_plugins.modality import ModalityEncoder, ModalityInputError, ModalityPlugin
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au")

@@ -30,8 +30,9 @@ Output (``render``):
 Bad input -> :class:`ModalityInputError`: missing / empty / truncated file, a colour image or a
 non-image file, wrong array shape or dtype, a missing ``npz_key``, no valid pixel at all.
 
-Encoder: the image tower (tiny ViT or pretrained CLIP/SigLIP/AutoModel) with the image modality's
-options; the tiny tower takes 2 or 3 input channels. Defaults: 32x32, 8x8 patches -> 16 tokens of
+Encoder: the image tower (tiny timm / CLIP, a timm id, or pretrained CLIP/SigLIP/AutoModel) with
+the image modality's options; tiny towers and timm ids take 2 or 3 input channels (timm adapts a
+pretrained patch embedding to 2). Defaults: 32x32, 8x8 patches -> 16 tokens of
 width 64.
 """
 
@@ -46,7 +47,7 @@ from torch.nn import functional as F
 
 from encoders._common import (check_choice, check_file, check_vit_options, describe_exc,
                               finish_encoder, require, seeded)
-from encoders._vit import build_vision_tower
+from encoders._towers import build_vision_tower, library_versions
 from encoders.image import VIT_OPTIONS, VisionEncoder
 from mil_plugins.modality import ModalityInputError, ModalityPlugin
 
@@ -69,7 +70,10 @@ class DepthPlugin(ModalityPlugin):
         "npz_key": None,         # array name in a .npz (null: the first)
         "exr_channel": None,     # channel of an OpenEXR file (null: Z, depth, Y, R, or the only one)
     }
-    version = "2"                # 2: centred depth_mask rendering
+
+    @property
+    def version(self) -> str:  # 2: centred depth_mask rendering; the towers' libraries count too
+        return f"2;{library_versions()}"
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -81,7 +85,7 @@ class DepthPlugin(ModalityPlugin):
         require(lo is None or hi is None or float(hi) > float(lo), self.name,
                 f"depth_max {hi} must be greater than depth_min {lo}")
         require(not o["pretrained"] or o["render"] == "gray3", self.name,
-                "a pretrained image tower takes 3 channels: set render: gray3")
+                "a pretrained transformers tower takes 3 channels: set render: gray3")
 
     @property
     def channels(self) -> int:

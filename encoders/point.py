@@ -47,7 +47,7 @@ from torch import nn
 from encoders._common import (check_file, check_positive_int, describe_exc, finish_encoder,
                               require, seeded, check_choice)
 from encoders._input_checks import ascii_ply_vertex_problem, same_place_problem
-from encoders._vit import Transformer, init_weights
+from encoders._transformer import Transformer, init_weights
 from mil_plugins.modality import ModalityEncoder, ModalityInputError, ModalityPlugin
 
 OPEN3D_EXTENSIONS = (".ply", ".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts")

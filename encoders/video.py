@@ -8,7 +8,7 @@ frames, 4 requested -> frames 0, 0, 1, 1). Each frame gets the image plugin's pr
 (RGB, shorter side resized, centre crop, CLIP mean/std). A frame folder holds image files
 (``.png/.jpg/...``) in natural order (``f2.png`` before ``f10.png``); other files are ignored.
 
-Encoder: the image tower (tiny ViT or pretrained, same options as the image modality) on every
+Encoder: the image tower (tiny timm / CLIP, a timm id or pretrained; the image modality's options) on every
 frame, the patch grid average-pooled by ``spatial_pool`` (2 -> 2x2 pooling, as LLaVA-NeXT-Video;
 1 -> off), then ``temporal``:
 
@@ -36,7 +36,7 @@ from PIL import Image
 from encoders._common import (IMAGE_EXTENSIONS, check_choice, check_file, check_positive_int,
                               check_vit_options, describe_exc, finish_encoder, image_tensor,
                               natural_key, open_image, require, seeded)
-from encoders._vit import build_vision_tower, pooled_grid, spatial_pool
+from encoders._towers import build_vision_tower, library_versions, pooled_grid, spatial_pool
 from encoders.image import VIT_OPTIONS
 from mil_plugins.modality import ModalityEncoder, ModalityInputError, ModalityPlugin
 
@@ -97,6 +97,10 @@ class VideoPlugin(ModalityPlugin):
         check_choice(o, "temporal", ("concat", "mean"), self.name)
         require(o["min_frames"] <= o["num_frames"], self.name,
                 f"min_frames {o['min_frames']} > num_frames {o['num_frames']}")
+
+    @property
+    def version(self) -> str:  # the towers' code is timm's / transformers': their versions count
+        return f"1;{library_versions()}"
 
     # ---- preprocessing --------------------------------------------------------------------------
     def preprocess(self, path: str | Path) -> torch.Tensor:

@@ -86,7 +86,7 @@ def _check_exact_mixed(model, modality: str, ptype: str, state: dict, mixer: dic
     x = torch.randn(2, conn.in_tokens[modality], conn.enc_hidden[modality], dtype=dtype)
     with torch.no_grad():
         mixed = torch.nn.functional.linear(x.reshape(2, -1), mixer["weight"], mixer["bias"])
-        theirs = proj(mixed.view(2, conn.mix_tokens, conn.shared_dim))
+        theirs = proj(mixed.view(2, conn.mix_tokens_of(modality), conn.shared_dim))
         ours = conn(modality, x)
     if not torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4):
         raise ValueError(f"the {modality!r} connector is not a token mixer + plain LLaVA projector "
@@ -104,7 +104,7 @@ def export_llava_one(model, modality: str, out: Path) -> list[Path]:
     extra = {"mm_modality": modality, "mm_placeholder": plugin.placeholder,
              "mm_num_tokens": model.num_tokens[modality], "mm_encoder": plugin.config()}
     written = []
-    if conn.mode == "shared" and conn.mix_tokens:
+    if conn.mode == "shared" and conn.mix_tokens_of(modality):
         ptype, mm_hidden, state = conn.llava_projector_state(modality, fold_input_layer=False)
         mixer = conn.mixer_state(modality)
         _check_exact_mixed(model, modality, ptype, state, mixer)
@@ -112,7 +112,7 @@ def export_llava_one(model, modality: str, out: Path) -> list[Path]:
         extra["mm_input_layer"] = {"type": "token_mixer", "file": "mm_input_layer.safetensors",
                                    "encoder_tokens": conn.in_tokens[modality],
                                    "encoder_hidden_size": conn.enc_hidden[modality],
-                                   "tokens": conn.mix_tokens}
+                                   "tokens": conn.mix_tokens_of(modality)}
     else:
         ptype, mm_hidden, state = conn.llava_projector_state(
             modality, fold_input_layer=conn.mode == "shared")

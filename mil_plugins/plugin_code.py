@@ -2,8 +2,8 @@
 
 :func:`code_fingerprint` hashes the source file of the module that defines a class and of every
 module that module imports from its own top-level package, followed transitively (so
-``encoders.image`` covers ``encoders._vit``, ``encoders._common`` ...; a third-party plugin
-``mil_thermal.plugin`` covers the rest of ``mil_thermal``). The toolkit (``mil_plugins``) and
+``encoders.image`` covers ``encoders._towers``, ``encoders._timm_tower``, ``encoders._common``
+...; a third-party plugin ``mil_thermal.plugin`` covers the rest of ``mil_thermal``). The toolkit (``mil_plugins``) and
 other distributions are not part of it unless the plugin lives in them. Imports are found by
 reading the source (``ast``), not by running it.
 

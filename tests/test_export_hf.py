@@ -1,5 +1,6 @@
-"""`mil export --to hf`: a run whose image tower is a transformers CLIP checkpoint exports to a
-directory that `LlavaForConditionalGeneration.from_pretrained` loads, with the same logits."""
+"""`mil export --to hf`: a run whose image tower is a transformers CLIP (a checkpoint, or the
+quickstart's tiny one built from config) exports to a directory that
+`LlavaForConditionalGeneration.from_pretrained` loads, with the same logits."""
 
 from __future__ import annotations
 
@@ -36,8 +37,7 @@ def test_export_to_transformers_llava_gives_equal_logits(tmp_path):
                     "data.generate.size=tiny", f"output.dir={out}", "output.tensorboard=false",
                     "modalities={image: {pretrained: %s, image_size: 32, select_layer: -2}}" % clip_dir,
                     "stages=[{name: image, modality: image, train: image/train.json, test: image/test.json}]",
-                    "warmup=null", "train.max_steps=3",
-                    "model.connector.mix_tokens=null"],  # HF Llava's projector acts per token
+                    "warmup=null", "train.max_steps=3"],
                    cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     ckpt = out / "checkpoints" / "stage-01-image"
     export = tmp_path / "hf"
@@ -54,5 +54,48 @@ def test_export_to_transformers_llava_gives_equal_logits(tmp_path):
         ours = session.model(batch).logits
         theirs = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        pixel_values=pixels).logits
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+
+def _logits_ours_and_theirs(ckpt: Path, export: Path, data: Path):
+    from transformers import LlavaForConditionalGeneration
+
+    from mil_plugins.engine.session import load_for_eval
+
+    llava = LlavaForConditionalGeneration.from_pretrained(str(export)).eval()
+    session = load_for_eval(ckpt)
+    sample = session.load_samples(data / "image" / "test.json", data)[0]
+    batch = next(session.make_loader([sample], mode="train", batch_size=1))
+    pixels = session.session.plugins["image"].preprocess(sample.media["image"][0])[None]
+    with torch.no_grad():
+        ours = session.model(batch).logits
+        theirs = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=pixels).logits
+    return ours, theirs
+
+
+def test_quickstart_final_checkpoint_exports_to_transformers_llava(tmp_path):
+    """The quickstart recipe as it is (all five stages, a few steps each) -> its last checkpoint
+    -> `mil export --to hf` -> LlavaForConditionalGeneration gives our logits for an image prompt."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny_run import tiny_args
+
+    from mil_plugins.benchmark import make_benchmark
+
+    data, out = tmp_path / "bench", tmp_path / "run"
+    make_benchmark(data, size="tiny", seed=0)
+    env = {**os.environ, "MIL_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *tiny_args(data, out, stages=5)],
+                   cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    ckpt = out / "checkpoints" / "stage-05-point"
+    export = tmp_path / "hf"
+    subprocess.run([sys.executable, "-m", "mil_plugins.cli", "export", str(ckpt), "--to", "hf",
+                    str(export)], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    config = json.loads((export / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["vision_config"]["model_type"] == "clip_vision_model"
+    # the other modalities ride beside it, with their token mixers
+    assert (export / "modalities" / "video" / "mm_input_layer.safetensors").is_file()
+    ours, theirs = _logits_ours_and_theirs(ckpt, export, data)
     assert ours.shape == theirs.shape
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()

@@ -27,7 +27,7 @@ def test_encoder_fingerprint():
     assert encoder_fingerprint(a) == encoder_fingerprint(b)
     assert encoder_fingerprint(a) != encoder_fingerprint(ImagePlugin(init_seed=1).build_encoder())
     with torch.no_grad():
-        b.tower.cls_token.add_(1e-3)
+        b.tower.model.cls_token.add_(1e-3)
     assert encoder_fingerprint(a) != encoder_fingerprint(b)
     half = ImagePlugin().build_encoder().to(torch.bfloat16)        # any dtype hashes
     assert encoder_fingerprint(half) != encoder_fingerprint(a)

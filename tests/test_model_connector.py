@@ -183,3 +183,34 @@ def test_token_mixer_reads_all_tokens_and_writes_k():
 def test_token_mixer_needs_the_shared_mode():
     with pytest.raises(ValueError, match="shared"):
         Connector(16, "per_modality", mix_tokens=2)
+
+
+def test_mix_tokens_by_modality_keeps_chosen_modalities_per_token():
+    from mil_plugins.projectors import build_projector
+
+    c = Connector(16, "shared", "mlp2x_gelu", shared_dim=12, standardize=True, mix_tokens=3,
+                  mix_tokens_by_modality={"image": None, "audio": 2})
+    c.add_modality("image", 8, num_tokens=5)
+    c.add_modality("video", 8, num_tokens=5)
+    c.add_modality("audio", 8, num_tokens=5)
+    assert [c.mix_tokens_of(m) for m in ("image", "video", "audio")] == [None, 3, 2]
+    assert isinstance(c.input_layers["image"], torch.nn.Linear)
+    assert [c.output_tokens(m, 5) for m in ("image", "video", "audio")] == [5, 3, 2]
+    x = _features(t=5)
+    for m in ("image", "video", "audio"):
+        c.fit_standardizer(m, x)
+    assert c.standardizers["image"].mean.shape == (8,) and c.standardizers["video"].mean.shape == (5, 8)
+    assert c("image", x).shape == (64, 5, 16) and c("audio", x).shape == (64, 2, 16)
+    # the per-token image path folds into one LLaVA projector; the mixed ones do not
+    ptype, mm_hidden, state = c.llava_projector_state("image", fold_input_layer=True)
+    proj = build_projector(ptype, mm_hidden, 16)
+    proj.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(proj(x), c("image", x), atol=1e-4)
+    with pytest.raises(ValueError, match="mix_tokens_by_modality"):
+        c.llava_projector_state("video", fold_input_layer=True)
+    rebuilt = Connector.from_config(c.config())
+    rebuilt.load_state_dict(c.state_dict())
+    assert torch.equal(rebuilt("image", x), c("image", x)) and rebuilt.mix_tokens_of("audio") == 2
+    with pytest.raises(ValueError, match="shared"):
+        Connector(16, "per_modality", mix_tokens_by_modality={"audio": 2})

@@ -98,7 +98,7 @@ def test_editing_a_plugin_misses_the_cache(editable):
 
 def test_package_sources_follow_imports_within_the_package():
     names = set(package_sources("encoders.image"))
-    assert {"encoders.image", "encoders._vit", "encoders._common"} <= names
+    assert {"encoders.image", "encoders._towers", "encoders._timm_tower", "encoders._common"} <= names
     assert not any(n.startswith(("mil_plugins", "torch")) for n in names)
     from encoders.audio import AudioPlugin
     from encoders.image import ImagePlugin

@@ -4,9 +4,12 @@
 #   bash tools/setup.sh            # then: .venv/bin/mil ..., .venv/bin/python -m pytest
 #
 # Pins (requirements/constraints.txt holds the exact versions of the whole stack):
-#   torch==2.13.0        the CPU wheel these machines carry on disk (an unpinned torch pulls a multi-GB
-#                        CUDA build). timm/torchvision are not used: PyPI's torchvision does not import
-#                        beside torch 2.13.0 CPU. For GPU nodes see README "Install on GPU machines".
+#   torch==2.14.1        with torchvision==0.29.1 (built for it; timm needs torchvision, and PyPI's
+#                        torchvision does not import beside other torch builds: "operator
+#                        torchvision::nms does not exist"). Both are on these machines' local index
+#                        (/opt/pypi-more); torch 2.14.1 there is the CUDA build and pulls the nvidia-*
+#                        wheels (~2.8 GB, also local). It runs on CPU as well. timm==1.0.31 builds the
+#                        image / video / depth towers. For GPU nodes see README "Install on GPU machines".
 #   deepspeed==0.19.8    built from source with DS_BUILD_OPS=0 (ops JIT-compile on GPU when needed),
 #                        --no-build-isolation so that its build sees our torch instead of fetching one.
 #   open3d-cpu==0.20.0   needs the Debian package libusb-1.0-0 to import; installed here when missing.
@@ -45,15 +48,15 @@ pip_install() {
   fi
   rm -f "$log"
 }
-echo "[setup] torch (CPU wheel)"
-pip_install "torch==2.13.0"
+echo "[setup] torch + torchvision"
+pip_install "torch==2.14.1" "torchvision==0.29.1"
 echo "[setup] mil-plugins and its dependencies"
 pip_install -e ".[test]"
 echo "[setup] deepspeed (from source, DS_BUILD_OPS=0)"
 DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed==0.19.8"
 echo "[setup] llava-torch (LLaVA's own code, without its stale pinned dependencies)"
 pip_install --no-deps "llava-torch==1.2.2.post1"
-.venv/bin/python -c "import torch, transformers, peft, deepspeed, librosa, av, open3d, pycocoevalcap.cider.cider, mil_plugins, llava.model" \
+.venv/bin/python -c "import torch, torchvision, timm, transformers, peft, deepspeed, librosa, av, open3d, pycocoevalcap.cider.cider, mil_plugins, llava.model" \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[setup] done: torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"

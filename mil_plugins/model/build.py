@@ -30,7 +30,8 @@ from mil_plugins.model.mllm import MultimodalLM
 
 TOP_KEYS = {"llm", "dtype", "modalities", "connector", "lora"}
 LLM_KEYS = {"pretrained", "config", "attn_implementation"}
-CONNECTOR_KEYS = {"mode", "projector_type", "projector_types", "shared_dim", "standardize", "mix_tokens"}
+CONNECTOR_KEYS = {"mode", "projector_type", "projector_types", "shared_dim", "standardize", "mix_tokens",
+                  "mix_tokens_by_modality"}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,7 +121,8 @@ def build_connector(conn_cfg: dict[str, Any], llm_hidden: int) -> Connector:
     if mode not in MODES:
         raise ValueError(f"model config connector.mode must be one of {MODES}, got {mode!r}")
     return Connector(llm_hidden, mode, conn_cfg.get("projector_type"), conn_cfg.get("shared_dim"),
-                     bool(conn_cfg.get("standardize", False)), conn_cfg.get("mix_tokens"))
+                     bool(conn_cfg.get("standardize", False)), conn_cfg.get("mix_tokens"),
+                     conn_cfg.get("mix_tokens_by_modality"))
 
 
 def build_model(cfg: dict[str, Any], tokenizer: Any) -> MultimodalLM:

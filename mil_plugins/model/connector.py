@@ -82,8 +82,8 @@ class TokenMixer(nn.Module):
     What a linear probe on the concatenated tokens sees, the connector can pass on: attributes
     that live in *where* a token is (left/right, motion across frames, pitch in a spectrogram)
     reach the LLM as content of ``K`` tokens, instead of asking a frozen LLM to compare token
-    positions. Not a LLaVA layout (LLaVA projectors act per token): export needs ``mix_tokens:
-    null``."""
+    positions. Not a LLaVA layout (LLaVA projectors act per token): export to HF Llava needs the
+    image modality per token (``mix_tokens_by_modality: {image: null}`` or ``mix_tokens: null``)."""
 
     def __init__(self, num_tokens: int, in_dim: int, out_tokens: int, out_dim: int):
         super().__init__()
@@ -106,14 +106,22 @@ class Connector(nn.Module):
             In per_modality mode it is the default for :meth:`add_modality` calls that pass none.
         shared_dim: width of the shared space (shared mode; default ``llm_hidden``).
         standardize: give every modality a :class:`Standardizer` in front (see the module doc).
+        mix_tokens: shared mode: every modality's input layer is a :class:`TokenMixer` writing
+            this many tokens (``None``: per-token linear input layers, LLaVA's layout).
+        mix_tokens_by_modality: ``{modality: K or None}`` overriding ``mix_tokens`` for those
+            modalities, e.g. ``{"image": None}`` keeps the image per token (exportable to
+            ``LlavaForConditionalGeneration``) while the others mix.
     """
 
     def __init__(self, llm_hidden: int, mode: str = "per_modality",
                  projector_type: str | None = None, shared_dim: int | None = None,
-                 standardize: bool = False, mix_tokens: int | None = None):
+                 standardize: bool = False, mix_tokens: int | None = None,
+                 mix_tokens_by_modality: dict[str, int | None] | None = None):
         super().__init__()
         self.mix_tokens = int(mix_tokens) if mix_tokens else None
-        if self.mix_tokens and mode != "shared":
+        self.mix_tokens_by_modality = {str(m): int(k) if k else None
+                                       for m, k in (mix_tokens_by_modality or {}).items()}
+        if (self.mix_tokens or any(self.mix_tokens_by_modality.values())) and mode != "shared":
             raise ValueError("connector mix_tokens needs mode: shared (the mixer is the input layer)")
         self.in_tokens: dict[str, int] = {}
         self.standardize = bool(standardize)
@@ -157,16 +165,17 @@ class Connector(nn.Module):
             raise ValueError(f"connector already has modality {name!r}")
         enc_hidden = int(enc_hidden)
         ref = next(self.parameters(), None)
+        mix = self.mix_tokens_of(name)
         if self.mode == "per_modality":
             ptype = projector_type or self.projector_type or "mlp2x_gelu"
             module = build_projector(ptype, enc_hidden, self.llm_hidden)
             self.projectors[name] = module
         else:
             ptype = self.projector_type
-            if self.mix_tokens:
+            if mix:
                 if not num_tokens:
                     raise ValueError(f"connector mix_tokens: the number of tokens of {name!r} is needed")
-                module = TokenMixer(num_tokens, enc_hidden, self.mix_tokens, self.shared_dim)
+                module = TokenMixer(num_tokens, enc_hidden, mix, self.shared_dim)
                 self.in_tokens[name] = int(num_tokens)
             else:
                 module = nn.Linear(enc_hidden, self.shared_dim)
@@ -174,7 +183,7 @@ class Connector(nn.Module):
         if ref is not None:
             module.to(device=ref.device, dtype=ref.dtype)
         if self.standardize:  # per (token, dim) when tokens are mixed, else per dim
-            shape = (int(num_tokens), enc_hidden) if self.mix_tokens else (enc_hidden,)
+            shape = (int(num_tokens), enc_hidden) if mix else (enc_hidden,)
             self.standardizers[name] = Standardizer(shape).to(
                 device=ref.device if ref is not None else None)
         self.enc_hidden[name] = enc_hidden
@@ -187,9 +196,16 @@ class Connector(nn.Module):
             return [self.projectors[modality]]
         return [self.input_layers[modality], self.shared]
 
+    def mix_tokens_of(self, modality: str) -> int | None:
+        """How many tokens ``modality``'s token mixer writes (``mix_tokens`` unless
+        ``mix_tokens_by_modality`` overrides it), or ``None`` for a per-token input layer."""
+        if modality in self.mix_tokens_by_modality:
+            return self.mix_tokens_by_modality[modality]
+        return self.mix_tokens
+
     def output_tokens(self, modality: str, num_tokens: int) -> int:
         """How many tokens ``forward(modality, .)`` makes of ``num_tokens`` encoder tokens."""
-        return self.mix_tokens if self.mix_tokens else int(num_tokens)
+        return self.mix_tokens_of(modality) or int(num_tokens)
 
     def needs_fit(self, modality: str) -> bool:
         """Whether ``modality`` has a standardiser that has not been fitted yet."""
@@ -245,6 +261,7 @@ class Connector(nn.Module):
             "shared_dim": self.shared_dim,
             "standardize": self.standardize,
             "mix_tokens": self.mix_tokens,
+            "mix_tokens_by_modality": dict(self.mix_tokens_by_modality),
             "modalities": {m: {"enc_hidden": self.enc_hidden[m], "num_tokens": self.in_tokens.get(m),
                                "projector_type": self.projector_types[m]}
                            for m in self.modalities},
@@ -253,7 +270,8 @@ class Connector(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "Connector":
         conn = cls(cfg["llm_hidden"], cfg["mode"], cfg.get("projector_type"), cfg.get("shared_dim"),
-                   bool(cfg.get("standardize", False)), cfg.get("mix_tokens"))
+                   bool(cfg.get("standardize", False)), cfg.get("mix_tokens"),
+                   cfg.get("mix_tokens_by_modality"))
         for m, entry in (cfg.get("modalities") or {}).items():
             conn.add_modality(m, entry["enc_hidden"], entry.get("projector_type"),
                               entry.get("num_tokens"))
@@ -264,10 +282,11 @@ class Connector(nn.Module):
         self._check(modality)
         if self.mode != "shared":
             raise ValueError("input_layer_state: only the shared mode has input layers")
-        if self.mix_tokens:
+        if self.mix_tokens_of(modality):
             raise ValueError(f"the input layer of {modality!r} mixes tokens (connector mix_tokens: "
-                             f"{self.mix_tokens}); LLaVA projectors act per token, so it has no "
-                             f"LLaVA layout: train with model.connector.mix_tokens: null to export")
+                             f"{self.mix_tokens_of(modality)}); LLaVA projectors act per token, so it "
+                             f"has no LLaVA layout: train with model.connector.mix_tokens_by_modality: "
+                             f"{{{modality}: null}} (or mix_tokens: null) to export")
         sd = {k: v.detach().clone() for k, v in self.input_layers[modality].state_dict().items()}
         if modality in self.standardizers:  # the standardiser folded in: raw features -> shared_dim
             sd["weight"], sd["bias"] = self.standardizers[modality].fold_into(sd["weight"], sd["bias"])

@@ -54,6 +54,7 @@ CONNECTOR = {
     "shared_dim": (Optional(int), None),
     "standardize": (bool, False),            # per-modality feature standardiser, fitted at its first stage
     "mix_tokens": (Optional(int), None),     # shared mode: input layers read all tokens, write this many
+    "mix_tokens_by_modality": (MapOf(Optional(int)), {}),  # per-modality override ({image: null})
 }
 
 LORA = {
