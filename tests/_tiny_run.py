@@ -18,7 +18,7 @@ def tiny_args(data_root: Path, out: Path, *extra: str, stages: int = 2) -> list[
     modalities = {s["modality"]: recipe["modalities"].get(s["modality"]) or {}
                   for s in cut if s.get("modality")}
     return [str(RECIPE), f"data.root={data_root}", f"output.dir={out}",
-            "data.generate.size=tiny", "output.tensorboard=false",
+            "data.generate.size=tiny", "output.tensorboard=false", "encoder_pretraining=null",
             f"modalities={json.dumps(modalities)}", f"stages={json.dumps(cut)}",
             "warmup.max_steps=2", "train.max_steps=2", "data.max_train_samples=8",
             "data.max_test_samples=4", "eval.batch_size=8", "train.num_threads=1", *extra]

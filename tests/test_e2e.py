@@ -55,9 +55,9 @@ def bench(tmp_path_factory):
     return root
 
 
-def common(bench, out, *extra):
+def common(bench, out, *extra, pretrain: tuple = ("encoder_pretraining=null",)):
     return [f"data.root={bench}", "data.generate.size=tiny", f"output.dir={out}",
-            "output.tensorboard=false", *extra]
+            "output.tensorboard=false", *pretrain, *extra]
 
 
 def run(cmd, timeout=600, **kw):
@@ -72,9 +72,18 @@ def metrics(out: Path) -> dict:
 
 
 def test_quickstart_all_stages_plain_python(bench, tmp_path):
-    out = tmp_path / "qs"
-    run([*TRAIN, str(QUICKSTART), *common(bench, out, "warmup.epochs=1", "train.epochs=1")])
+    out, pre = tmp_path / "qs", tmp_path / "pre"
+    pretrain = (f"encoder_pretraining.data.root={pre}", "encoder_pretraining.data.generate.size=tiny",
+                "encoder_pretraining.steps=3", "encoder_pretraining.steps_by_modality={}")
+    run([*TRAIN, str(QUICKSTART), *common(bench, out, "warmup.epochs=1", "train.epochs=1",
+                                          pretrain=pretrain)])
     m = metrics(out)
+    # every encoder was pretrained once (recipe's encoder_pretraining, 2 workers) and loaded
+    saved = json.loads((out / "checkpoints" / "stage-05-point" / "recipe.json").read_text())
+    weights = sorted((pre / "encoders").glob("*.safetensors"))
+    assert [w.name.split("-")[0] for w in weights] == ["audio", "depth", "image", "point", "video"]
+    assert all(saved["modalities"][w.name.split("-")[0]]["encoder_weights"] == str(w)
+               for w in weights)
     assert m["stages"] == ["image", "video", "audio", "depth", "point"]
     R = m["accuracy_matrix"]
     assert len(R) == 5 and all(len(row) == 5 for row in R)
@@ -242,7 +251,7 @@ def test_bad_samples_raise_or_are_skipped_and_counted(bench, tmp_path):
                      {"from": "gpt", "value": "circle"}]})
     manifest.write_text(json.dumps(rows))
     args = [*TRAIN, str(QUICKSTART), f"data.root={data}", "data.generate=null",
-            "output.tensorboard=false", "warmup=null", "train.max_steps=1",
+            "output.tensorboard=false", "encoder_pretraining=null", "warmup=null", "train.max_steps=1",
             "stages=[{name: image, modality: image, train: image/train.json, test: image/test.json}]"]
     failed = subprocess.run([*args, f"output.dir={tmp_path / 'raise'}"], cwd=ROOT, env=env(),
                             capture_output=True, text=True, timeout=300)

@@ -35,6 +35,7 @@ def test_export_to_transformers_llava_gives_equal_logits(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"),
                     str(ROOT / "recipes" / "quickstart.yaml"), f"data.root={data}",
                     "data.generate.size=tiny", f"output.dir={out}", "output.tensorboard=false",
+                    "encoder_pretraining=null",
                     "modalities={image: {pretrained: %s, image_size: 32, select_layer: -2}}" % clip_dir,
                     "stages=[{name: image, modality: image, train: image/train.json, test: image/test.json}]",
                     "warmup=null", "train.max_steps=3"],

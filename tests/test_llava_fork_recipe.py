@@ -40,7 +40,7 @@ def test_llava_dir_recipe_audio_stage_and_export_back(tmp_path):
     env = {**os.environ, "MIL_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "train.py"), str(ROOT / "recipes" / "quickstart.yaml"),
-         f"data.root={data}", "data.generate=null", f"output.dir={out}", "output.tensorboard=false",
+         f"data.root={data}", "data.generate=null", "encoder_pretraining=null", f"output.dir={out}", "output.tensorboard=false",
          f"model.llm={{llava: {llava_dir}}}", "model.tokenizer={build_from_data: false}",
          "model.connector={mode: per_modality, projector_type: mlp2x_gelu}",
          "modalities={image: {}, audio: {}}", "warmup=null", "train.max_steps=2",

@@ -40,7 +40,7 @@ def _args(data_root: Path, out: Path, method: str, options: dict | None = None) 
     modalities = {s["modality"]: recipe["modalities"].get(s["modality"]) or {}
                   for s in stages if s.get("modality")}
     return [str(RECIPE), f"data.root={data_root}", f"output.dir={out}",
-            "output.tensorboard=false",
+            "output.tensorboard=false", "encoder_pretraining=null",
             f"modalities={json.dumps(modalities)}", f"stages={json.dumps(stages)}",
             "warmup.max_steps=2", "train.max_steps=2", "data.max_train_samples=16",
             "data.max_test_samples=6", "eval.batch_size=8", "eval.unseen=false",

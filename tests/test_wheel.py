@@ -91,7 +91,7 @@ def test_mil_train_from_the_wheel_through_the_deepspeed_launcher(installed, tmp_
     env = clean_env(MIL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                     TORCH_EXTENSIONS_DIR=tempfile.mkdtemp(prefix="mil-torch-ext-"))
     sh([python, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
-        venv_bin / "mil", "train", recipe, f"data.root={work / 'bench'}", "data.generate=null",
+        venv_bin / "mil", "train", recipe, f"data.root={work / 'bench'}", "data.generate=null", "encoder_pretraining=null",
         f"output.dir={work / 'run'}", "output.tensorboard=false", "warmup=null",
         "stages=[{name: image, modality: image, train: image/train.json, test: image/test.json}]",
         "train.max_steps=2", "train.batch_size=4", "data.max_train_samples=8",
