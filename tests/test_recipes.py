@@ -122,6 +122,7 @@ def test_recipe_reference_lists_every_schema_key():
 
     text = (ROOT / "docs" / "recipes.md").read_text()
     for section in (S.RECIPE, S.MODEL, S.LLM, S.TOKENIZER, S.CONNECTOR, S.LORA, S.DATA, S.GENERATE,
-                    S.WARMUP, S.STAGE, S.METHOD, S.TRAIN, S.EVAL, S.OUTPUT):
+                    S.WARMUP, S.ENCODER_PRETRAINING, S.STAGE, S.METHOD, S.TRAIN, S.EVAL,
+                    S.OUTPUT):
         for key in section:
             assert f"| `{key}` |" in text, f"docs/recipes.md does not list {key!r}"
