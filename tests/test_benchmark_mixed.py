@@ -103,3 +103,19 @@ def test_recipes_of_both_orders(order, method):
     assert [m["name"] for m in recipe["methods"]] == [
         next(v for k, v in want.items() if k in method)]
     assert recipe["output"]["dir"].startswith(f"runs/mcl-mixed/{order}/")
+
+
+def test_caption_chance_is_on_the_cider_scale_and_compare_uses_it():
+    from mil_plugins.benchmark.concepts import chance_level as modality_chance
+    from mil_plugins.benchmark.mixed import chance_level, is_mixed_stage
+    from mil_plugins.compare import _chance
+
+    assert is_mixed_stage("audio_qa") and not is_mixed_stage("audio")
+    assert chance_level("audio", "pitch") == modality_chance("audio", "pitch") == 0.5
+    for m in MODALITIES:
+        c = chance_level(m, "caption")
+        assert 1.0 < c < 3.0  # well above 0 (template words), far below a perfect 10
+    got = _chance({"video_caption": "video", "video": "video"},
+                  {"video_caption": ["caption"], "video": ["caption"]})
+    assert got["video_caption"]["caption"] == pytest.approx(100 * chance_level("video", "caption"))
+    assert got["video"]["caption"] == pytest.approx(100 * modality_chance("video", "caption"))

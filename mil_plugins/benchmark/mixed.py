@@ -50,6 +50,14 @@ def split_stage_name(name: str) -> tuple[str, str]:
     return modality, task_type
 
 
+def is_mixed_stage(name: str) -> bool:
+    try:
+        split_stage_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def manifest_path(name: str, split: str) -> str:
     """The manifest of stage ``name`` and ``split``, relative to the data root."""
     split_stage_name(name)
@@ -117,3 +125,21 @@ def write_mixed_sequence(root: str | Path) -> dict:
     if old != summary:
         write_json(meta_path, summary, indent=1)
     return {**summary, "written": written}
+
+
+def chance_level(modality: str, task: str) -> float:
+    """Expected score of a uniform random guess for a task of a mixed-sequence stage, on the
+    scale :func:`mil_plugins.benchmark.concepts.chance_level` uses (x 100 in reports).
+
+    QA tasks: as in the modality sequence. ``caption``: CIDEr-D (the mixed sequence's caption
+    metric) of the captions of uniformly random scenes against the true ones, over every
+    (guess, truth) pair of scenes, as the BLEU-4 chance is computed."""
+    from .concepts import all_scenes, chance_level as base, get_task
+
+    t = get_task(modality, task)
+    if t.metric == EXACT_MATCH:
+        return base(modality, task)
+    from mil_plugins.scoring import cider_d
+
+    caps = [t.answer(a) for a in all_scenes(modality)]
+    return cider_d([p for p in caps for _ in caps], [r for _ in caps for r in caps])
