@@ -305,3 +305,28 @@ def test_media_tensor_of_a_pseudo_sample_is_its_sources():
     a, b = h.collate([s]), h.collate([p])
     assert torch.equal(a["media"][VEC], b["media"][VEC])
     assert torch.equal(a["media"][VEC][0], _media_tensor(str(s.media[VEC][0]), VEC))
+
+
+def test_instruction_pool_prefers_the_text_split_then_warmup_then_text_stages(tmp_path):
+    from mil_plugins.methods.text_prompts import TextPromptPool
+
+    h = Harness(stages=(VEC, None, SEQ))
+    split, warm = _samples(None, 5, "split"), _samples(None, 4, "warm")
+    loaded = {"text/train.json": split, "w.json": warm, "mine.json": _samples(VEC, 3, "media")}
+    h.ctx.load_samples = lambda manifest, root=None, limit=None: loaded[manifest]
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "train.json").write_text("[]")
+    h.ctx.recipe = {"data": {"root": str(tmp_path)}, "warmup": {"train": "w.json"}}
+    assert TextPromptPool("moincl").samples(h.ctx) == split
+    (tmp_path / "text" / "train.json").unlink()
+    assert TextPromptPool("moincl").samples(h.ctx) == warm
+    h.ctx.recipe = {"data": {"root": str(tmp_path)}}
+    assert TextPromptPool("moincl").samples(h.ctx) == h.stages[1].train_samples
+    with pytest.raises(ValueError, match="'mine.json' holds no text-only samples"):
+        TextPromptPool("moincl", "mine.json").samples(h.ctx)
+    # draws are a function of (seed, stage, step, micro-batch)
+    pool = TextPromptPool("moincl", "w.json")
+    h.ctx.stage = h.stages[2]
+    a, b = pool.draw(h.ctx, 3, 2, 0), pool.draw(h.ctx, 3, 2, 0)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and a["input_ids"].shape[0] == 3
+    assert len({tuple(pool.draw(h.ctx, 3, step, 0)["ids"]) for step in range(10)}) > 1
