@@ -44,13 +44,15 @@ def read_run(run_dir: Path) -> dict:
 def _chance(stage_modalities: Mapping[str, str], tasks: Mapping[str, Iterable[str]]) -> dict:
     """Each task's chance level where it is a built-in benchmark task, else ``None``."""
     from mil_plugins.benchmark.concepts import chance_level
+    from mil_plugins.benchmark.mixed import chance_level as mixed_chance, is_mixed_stage
 
     out: dict[str, dict[str, float | None]] = {}
     for stage, names in tasks.items():
         out[stage] = {}
+        level = mixed_chance if is_mixed_stage(stage) else chance_level  # captions: CIDEr there
         for task in names:
             try:
-                out[stage][task] = 100.0 * chance_level(stage_modalities[stage], task)
+                out[stage][task] = 100.0 * level(stage_modalities[stage], task)
             except KeyError:
                 out[stage][task] = None
     return out

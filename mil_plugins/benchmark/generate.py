@@ -19,6 +19,9 @@ from .text import generate_text_split
 
 VERSION = "1.1"  # 1.1: small has 432 test samples per modality (was 108)
 BENCHMARK_FILE = "benchmark.json"
+#: ``modality``: one stage per modality (every task mixed); ``mixed``: also a captioning and a QA
+#: stage per modality of audio, image and video (MoInCL's setting, ``benchmark/mixed.py``)
+SEQUENCES = ("modality", "mixed")
 SPLITS = ("train", "test")
 
 #: samples per modality and split, and text-only samples per split. Media counts are multiples of
@@ -111,8 +114,30 @@ def _complete(out: Path, meta: dict, names: list[str]) -> bool:
 
 
 def make_benchmark(out_dir: str | Path, size: str = "tiny", seed: int = 0,
-                   modalities: Iterable[str] | None = None, overwrite: bool = False) -> dict:
+                   modalities: Iterable[str] | None = None, overwrite: bool = False,
+                   sequence: str = "modality") -> dict:
     """Generate the benchmark into ``out_dir`` (the data root) and return its summary.
+
+    ``sequence="mixed"``: the media of audio, image, video and the text split only (unless
+    ``modalities`` says otherwise), then the mixed sequence's manifests (a captioning and a QA
+    stage per modality, :mod:`mil_plugins.benchmark.mixed`) under ``out_dir/mixed``; the summary
+    carries them under ``"mixed"``.
+    """
+    if sequence not in SEQUENCES:
+        raise ValueError(f"unknown benchmark sequence {sequence!r}; valid: {list(SEQUENCES)}")
+    if sequence == "modality":
+        return _make_media(out_dir, size, seed, modalities, overwrite)
+    from .mixed import MODALITIES as MIXED_MODALITIES, write_mixed_sequence
+
+    wanted = list(modalities) if modalities is not None else [*MIXED_MODALITIES, TEXT]
+    summary = _make_media(out_dir, size, seed, wanted, overwrite)
+    summary["mixed"] = write_mixed_sequence(out_dir)
+    return summary
+
+
+def _make_media(out_dir: str | Path, size: str, seed: int, modalities: Iterable[str] | None,
+                overwrite: bool) -> dict:
+    """The modality sequence's media, manifests and ``benchmark.json`` (see below).
 
     Writes ``<out>/<modality>/{train,test}.json`` with media under ``<out>/<modality>/files/`` for
     each of image, video, audio, depth, point, ``<out>/text/{train,test}.json`` (text-only warm-up),

@@ -231,7 +231,7 @@ def apply_encoder_pretraining(recipe: dict, dist=None, log=print) -> dict:
         gen = cfg["data"]["generate"]
         if gen is not None:
             from mil_plugins.benchmark import make_benchmark
-            make_benchmark(Path(cfg["data"]["root"]), size=gen["size"], seed=gen["seed"],
+            make_benchmark(Path(cfg["data"]["root"]), size=gen["size"], seed=gen["seed"], sequence=gen.get("sequence", "modality"),
                            modalities=wanted)
         _train_missing(recipe, wanted, log)
     if dist is not None:

@@ -235,6 +235,8 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
             step += 1
             last_loss = loss_sum
             hooks.after_step(ctx.stage, step)
+            if k == steps_per_epoch - 1 or step == total:  # before a checkpoint: resume sees it
+                hooks.after_epoch(ctx.stage, epoch)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
             if step % train_cfg["log_every_steps"] == 0 or step == total:

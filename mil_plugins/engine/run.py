@@ -98,7 +98,8 @@ class Runner:
         if gen is not None:
             if self.dist.is_main:
                 from mil_plugins.benchmark import make_benchmark
-                make_benchmark(Path(self.recipe["data"]["root"]), size=gen["size"], seed=gen["seed"])
+                make_benchmark(Path(self.recipe["data"]["root"]), size=gen["size"], seed=gen["seed"],
+                               sequence=gen.get("sequence", "modality"))
             self.dist.barrier()
 
     # ---- resume -------------------------------------------------------------------------------

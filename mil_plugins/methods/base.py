@@ -33,6 +33,8 @@ HOOKS = (
     "loss_terms",       # (ctx, batch, outputs) -> {name: scalar tensor} added to the LM loss
     "param_groups",     # (ctx, stage) -> [{"names", "lr" | "lr_scale", "weight_decay"}] own optimiser groups
     "after_step",       # (ctx, stage, step) after each optimiser step
+    "after_epoch",      # (ctx, stage, epoch) after the last step of each epoch (0-based; a stage
+                        # cut short by max_steps: also after its last step), before any checkpoint
     "after_stage",      # (ctx, stage) after a stage's training, before its checkpoint
     "state_dict",       # () -> dict saved with every checkpoint
     "load_state_dict",  # (state) restores it on --resume
@@ -80,6 +82,9 @@ class Method:
         return []
 
     def after_step(self, ctx: "MethodContext", stage: "Stage", step: int) -> None:
+        return None
+
+    def after_epoch(self, ctx: "MethodContext", stage: "Stage", epoch: int) -> None:
         return None
 
     def after_stage(self, ctx: "MethodContext", stage: "Stage") -> None:

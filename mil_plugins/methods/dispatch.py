@@ -77,6 +77,10 @@ class MethodHooks:
         for m in self.methods:
             m.after_step(self.ctx, stage, step)
 
+    def after_epoch(self, stage, epoch: int) -> None:
+        for m in self.methods:
+            m.after_epoch(self.ctx, stage, epoch)
+
     def after_stage(self, stage) -> None:
         for m in self.methods:
             m.after_stage(self.ctx, stage)

@@ -77,6 +77,7 @@ MODEL = {
 GENERATE = {
     "size": (str, "tiny"),
     "seed": (int, 0),
+    "sequence": (str, "modality"),           # modality | mixed (also the mixed sequence's manifests)
 }
 
 DATA = {
@@ -204,7 +205,9 @@ CHOICES = {
     ("data", "on_error"): ("raise", "skip"),
     ("data", "preflight"): ("full", "manifests", "off"),
     ("data", "generate", "size"): ("tiny", "small", "full"),
+    ("data", "generate", "sequence"): ("modality", "mixed"),
     ("encoder_pretraining", "data", "generate", "size"): ("tiny", "small", "full"),
+    ("encoder_pretraining", "data", "generate", "sequence"): ("modality", "mixed"),
     ("train", "scheduler"): SCHEDULERS,
     ("train", "precision"): ("fp32", "bf16", "fp16"),
 }
