@@ -161,3 +161,32 @@ def test_needs_a_shared_connector_and_validates_options():
     for bad in ({"rank": 0}, {"feature": -1}, {"T": 0}, {"stat_samples": 0}):
         with pytest.raises(ValueError, match="harmony"):
             Harmony(**bad)
+
+
+def test_logit_term_splices_pseudo_features_into_the_batch_prompts():
+    h = U.Harness([Harmony(pseudo_samples=2)], lora=U.LORA, trainable=("connector", "lora"))
+    m = h.methods[0]
+    s1 = h.stages[1]
+    batch = h.collate(s1.train_samples[:4])
+    ids = batch["input_ids"]
+    k = int((ids[0] == h.model.placeholder_ids[SEQ]).sum())  # SEQ's tokens per sample
+    width = h.model.connector.llm_hidden
+    g = torch.Generator().manual_seed(0)
+    cur = {VEC: torch.randn(2, k, width, generator=g), "other": torch.randn(2, k, width, generator=g)}
+    emb_s, emb_t, mask, keep = m._in_context(h.model, s1, batch, [VEC, "other"], cur, cur)
+    pos = ids == h.model.placeholder_ids[SEQ]
+    table = h.model.llm.get_input_embeddings()
+    with torch.no_grad():
+        assert torch.equal(emb_s[~pos], table(ids)[~pos])
+    # sample i carries pseudo-features of old[i % 2], draw (i // 2) % 2
+    for i, (mod, row) in enumerate([(VEC, 0), ("other", 0), (VEC, 1), ("other", 1)]):
+        assert torch.equal(emb_s[i][pos[i]], cur[mod][row])
+    first = pos.long().argmax(1)
+    for i in range(4):
+        assert not keep[i, : first[i]].any() and keep[i, first[i]:].eq(mask[i, first[i]:].bool()).all()
+    # teacher = student and the same embeddings: zero
+    kd = m._logit_kd(h.model, h.model, emb_s, emb_t, mask, keep)
+    assert float(kd) == pytest.approx(0.0, abs=1e-7)
+    # a count that does not match the pseudo-features' tokens: no context (pseudo tokens alone)
+    short = {VEC: cur[VEC][:, :1], "other": cur["other"][:, :1]}
+    assert m._in_context(h.model, s1, batch, [VEC, "other"], short, short) is None

@@ -144,6 +144,7 @@ class Harmony(Method):
         "feature": 1.0,            # weight of the pseudo-feature alignment term
         "logit": 1.0,              # weight of the pseudo-feature logit distillation term
         "proto": 0.1,              # weight of the prototype contrast term
+        "logit_context": "batch",  # batch: pseudo-features in the batch's prompts; none: alone
         "T": 2.0,                  # logit distillation temperature
         "tau": 0.1,                # prototype contrast temperature
         "pseudo_samples": 8,       # pseudo-features per earlier modality per step
@@ -162,6 +163,9 @@ class Harmony(Method):
         for key in ("T", "tau"):
             if float(o[key]) <= 0:
                 raise ValueError(f"method {NAME!r}: {key} must be > 0, got {o[key]!r}")
+        if o["logit_context"] not in ("batch", "none"):
+            raise ValueError(f"method {NAME!r}: logit_context must be 'batch' or 'none', "
+                             f"got {o['logit_context']!r}")
         if o["stat_samples"] is not None and int(o["stat_samples"]) < 1:
             raise ValueError(f"method {NAME!r}: stat_samples must be >= 1 or null (all)")
         self.model = None
@@ -313,26 +317,65 @@ class Harmony(Method):
                 with torch.no_grad():
                     ref[k] = self._modulated(teacher, k, z)
         self._micro += 1
-        if float(o["feature"]) > 0:
+        if float(o["feature"]) > 0:  # relative to each modality's stored output variance
             terms["feature"] = float(o["feature"]) * sum(
-                F.mse_loss(cur[k].float(), ref[k].float()) for k in old) / len(old)
+                F.mse_loss(cur[k].float(), ref[k].float())
+                / (self.stats[k]["h_std"].to(dev) ** 2).mean().clamp(min=1e-6) for k in old) / len(old)
         if float(o["logit"]) > 0:
-            terms["logit"] = float(o["logit"]) * sum(
-                self._logit_kd(model, teacher, cur[k], ref[k]) for k in old) / len(old)
+            context = self._in_context(model, stage, batch, old, cur, ref) \
+                if o["logit_context"] == "batch" else None
+            if context is not None:
+                terms["logit"] = float(o["logit"]) * self._logit_kd(model, teacher, *context)
+            else:
+                terms["logit"] = float(o["logit"]) * sum(
+                    self._logit_kd(model, teacher, cur[k], ref[k]) for k in old) / len(old)
         if float(o["proto"]) > 0:
             terms["proto"] = float(o["proto"]) * self._proto(old, cur, new)
         return terms
 
-    def _logit_kd(self, model, teacher, cur: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        """KL of the LLM's next-token distributions with the pseudo-features as input tokens."""
-        mask = torch.ones(cur.shape[:2], dtype=torch.long, device=cur.device)
-        llm_dtype = model.llm.get_input_embeddings().weight.dtype
-        s = model.llm(inputs_embeds=cur.to(llm_dtype), attention_mask=mask, use_cache=False,
-                      return_dict=True).logits
+    def _in_context(self, model, stage, batch: dict, old: list[str], cur: dict, ref: dict):
+        """The batch's prompts with each sample's placeholder tokens replaced by pseudo-features of
+        an earlier modality (sample ``i``: ``old[i % len(old)]``): ``(student embeds, teacher
+        embeds, attention mask, KD mask)``, or None when the token counts do not match."""
+        ids = batch.get("input_ids")
+        pid = getattr(model, "placeholder_ids", {}).get(stage.modality)
+        if ids is None or pid is None:
+            return None
+        table = model.llm.get_input_embeddings()
+        ids = ids.to(table.weight.device)
+        pos = ids == pid
+        k_tokens = cur[old[0]].shape[1]
+        if not bool((pos.sum(1) == k_tokens).all()):
+            return None
+        n, p = len(old), int(self.options["pseudo_samples"])
+        rows = range(ids.shape[0])
+        fill_s = torch.stack([cur[old[i % n]][(i // n) % p] for i in rows])
+        fill_t = torch.stack([ref[old[i % n]][(i // n) % p] for i in rows])
         with torch.no_grad():
-            t = teacher.llm(inputs_embeds=ref.to(llm_dtype), attention_mask=mask, use_cache=False,
-                            return_dict=True).logits
-        return masked_kl(s, t, mask.bool(), float(self.options["T"]))
+            base = table(ids)
+        where = pos.unsqueeze(-1)
+        emb_s = base.masked_scatter(where, fill_s.to(base.dtype))
+        emb_t = base.masked_scatter(where, fill_t.to(base.dtype))
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
+        after = (pos.long().cumsum(1) > 0) & mask.bool()  # from the first placeholder token on
+        return emb_s, emb_t, mask, after
+
+    def _logit_kd(self, model, teacher, cur: torch.Tensor, ref: torch.Tensor,
+                  mask: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """KL of the LLM's next-token distributions on input embeddings ``cur`` (student) and
+        ``ref`` (teacher): the pseudo-features alone, or spliced into the batch's prompts."""
+        if mask is None:
+            mask = torch.ones(cur.shape[:2], dtype=torch.long, device=cur.device)
+        keep = mask.bool() if keep is None else keep
+        llm_dtype = model.llm.get_input_embeddings().weight.dtype
+        pos = model.position_ids(mask) if hasattr(model, "position_ids") else None
+        s = model.llm(inputs_embeds=cur.to(llm_dtype), attention_mask=mask, position_ids=pos,
+                      use_cache=False, return_dict=True).logits
+        with torch.no_grad():
+            t = teacher.llm(inputs_embeds=ref.to(llm_dtype), attention_mask=mask, position_ids=pos,
+                            use_cache=False, return_dict=True).logits
+        return masked_kl(s, t, keep, float(self.options["T"]))
 
     def _proto(self, old: list[str], cur: dict, new: torch.Tensor | None) -> torch.Tensor:
         tau = float(self.options["tau"])
