@@ -30,11 +30,14 @@ Cumulative modal bridging (CMB)
     modulated by ``k``'s frozen modulator:
 
     ``feature``  MSE between the current and the stage-start model's (``ctx.teacher()``) connector
-                 output on the pseudo-features (the shared projector must keep mapping old
-                 modalities where it did);
-    ``logit``    ``T^2 * KL(teacher_T || student_T)`` of the LLM's next-token distributions with the
-                 pseudo-features as its input tokens (protects what the LLM -- e.g. its LoRA --
-                 does with old modalities' tokens);
+                 output on the pseudo-features, relative to ``k``'s stored output variance (the
+                 shared projector must keep mapping old modalities where it did);
+    ``logit``    ``T^2 * KL(teacher_T || student_T)`` of the LLM's next-token distributions on the
+                 batch's own prompts with each sample's placeholder tokens replaced by
+                 pseudo-features of an earlier modality (``logit_context: batch``; ``none``, or
+                 token counts that differ: the pseudo-feature tokens alone), from the first
+                 placeholder on (protects what the LLM -- e.g. its LoRA -- does with an old
+                 modality's tokens followed by a question);
     ``proto``    prototype contrast: each old modality's current pseudo-feature mean must stay
                  nearest its own stored prototype, against the other stored prototypes and the
                  new modality's batch mean (cross-entropy over cosines / ``tau``).
