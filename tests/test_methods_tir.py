@@ -139,7 +139,9 @@ def test_state_survives_a_checkpoint_and_resume_does_not_recompute(tmp_path, mon
 
 
 def test_options_validated():
+    assert TIR(descriptor_weights={"answer": 0.5}).part_weights == {"features": 1.0,
+                                                                   "instruction": 1.0, "answer": 0.5}
     for bad in ({"importance": "l2"}, {"direction": "up"}, {"floor": 2},
-                {"descriptor_weights": {"colour": 1}}, {"descriptor_weights": {"features": 0}}):
+                {"descriptor_weights": {"colour": 1}}, {"descriptor_weights": {"features": 0, "instruction": 0, "answer": 0}}):
         with pytest.raises(ValueError, match="tir"):
             TIR(**bad)

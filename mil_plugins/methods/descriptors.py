@@ -45,11 +45,12 @@ DEFAULT_WEIGHTS = {"features": 1.0, "instruction": 1.0, "answer": 1.0}
 
 
 def check_weights(method: str, weights: Any) -> dict[str, float]:
-    """``weights`` (a dict over :data:`PARTS`) checked, missing parts at 0 -- or a clear error."""
+    """``weights`` (a dict over :data:`PARTS`) checked, missing parts at their default (1) -- or a
+    clear error."""
     if not isinstance(weights, dict) or set(weights) - set(PARTS):
         raise ValueError(f"method {method!r}: descriptor_weights must be a mapping over {PARTS}, "
                          f"got {weights!r}")
-    out = {p: float(weights.get(p, 0.0)) for p in PARTS}
+    out = {p: float(weights.get(p, DEFAULT_WEIGHTS[p])) for p in PARTS}
     if any(w < 0 for w in out.values()) or not any(out.values()):
         raise ValueError(f"method {method!r}: descriptor_weights must be >= 0 with at least one "
                          f"> 0, got {weights!r}")
