@@ -14,7 +14,6 @@ the input alone finds the right branch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path

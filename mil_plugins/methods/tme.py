@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 
 from mil_plugins.methods import descriptors as D
 from mil_plugins.methods.expansion import PREFIX, Expansion, _lora_adapter_of, stage_key, stage_route
@@ -90,7 +89,7 @@ class TME(Expansion):
     def _refresh_routes(self, ctx) -> None:
         branches = self._branches()
         mods = {st.modality for st in ctx.stages if stage_key(st.index) in self.assign}
-        self.routes = {stage_route_of(m): list(branches) for m in mods}
+        self.routes = {(m or "text"): list(branches) for m in mods}
 
     def before_stage(self, ctx, stage):
         key = stage_key(stage.index)
@@ -198,7 +197,3 @@ class TME(Expansion):
             self.stage_descriptors = {str(k): D.from_state(v)
                                       for k, v in (state.get("stage_descriptors") or {}).items()}
         super().load_state_dict(state)
-
-
-def stage_route_of(modality: str | None) -> str:
-    return modality or "text"
