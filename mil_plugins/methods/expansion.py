@@ -126,6 +126,9 @@ class ConnectorExpansion(nn.Module):
         self.routes: dict[str, list[str]] = {}       # modality -> its stages' adapter keys
         self.forced: dict[str, str] = {}             # modality -> the adapter its stage trains
         self.descriptors: dict[str, torch.Tensor] = {}  # adapter key -> stage descriptor [D]
+        #: modality -> per-item adapter keys chosen by a method before the forward (``tme``);
+        #: used once, by the next projection of that modality with as many items
+        self.preset: dict[str, list[str]] = {}
         self.current: str | None = None   # modality being projected
         self.choice: list[str] | None = None  # per item, its adapter key
 
@@ -145,6 +148,9 @@ class ConnectorExpansion(nn.Module):
             return None
         if modality in self.forced:
             return [self.forced[modality]] * features.shape[0]
+        preset = self.preset.pop(modality, None)
+        if preset is not None and len(preset) == features.shape[0]:
+            return list(preset)
         return choose_adapters(features, keys, self.descriptors)
 
     def _enter(self, modality: str, module: nn.Module, args: Any) -> None:

@@ -1,0 +1,35 @@
+"""Stage-boundary resume of ``tir``, ``tme`` and ``harmony`` (their descriptors, decisions and
+statistics come back from the checkpoint): the same check as ``test_methods_e2e.py`` runs for the
+other stateful methods. Mid-stage resume and the two-stage run are registry-parametrised there."""
+
+from __future__ import annotations
+
+import pytest
+
+from test_methods_e2e import _one_thread, data_root  # noqa: F401  (fixtures)
+from test_methods_e2e import pytestmark  # noqa: F401  (slow; needs recipes/quickstart.yaml)
+from test_methods_e2e import test_resume_from_stage_one_is_bit_identical as _resume_check
+
+
+@pytest.mark.parametrize("method", ["tir", "tme", "harmony"])
+def test_resume_from_stage_one_is_bit_identical(method, data_root, tmp_path):  # noqa: F811
+    _resume_check(method, data_root, tmp_path)
+
+
+def test_tme_routes_each_stages_test_inputs_to_its_own_branch(data_root, tmp_path):  # noqa: F811
+    """``bench/tme_routing.py`` on a finished 2-stage run: from their own descriptors, every test
+    input of each stage takes the branch that stage trained."""
+    import sys
+
+    from test_methods_e2e import ROOT, _args, _run
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from tme_routing import routing
+
+    out = tmp_path / "out"
+    _run(_args(data_root, out, "tme"))
+    stage2 = next(p for p in (out / "checkpoints").iterdir() if p.name.startswith("stage-02-"))
+    result = routing(stage2)
+    assert len(result["stages"]) == 2
+    for name, row in result["stages"].items():
+        assert row["n"] > 0 and row["own_share"] == 1.0, (name, row)
