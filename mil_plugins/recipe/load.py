@@ -285,6 +285,15 @@ def _check_names(recipe: dict, source: str) -> None:
     except ValueError as exc:
         raise RecipeError(source, "methods", str(exc)) from None
 
+    if recipe.get("federated"):
+        from mil_plugins.federated.aggregators import check_federated_section
+        try:
+            check_federated_section(recipe["federated"])
+        except PluginError as exc:
+            raise RecipeError(source, "federated.aggregator", str(exc)) from None
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(source, "federated", str(exc)) from None
+
     llm = recipe["model"]["llm"]
     if sum(llm[k] is not None for k in ("pretrained", "config", "llava")) != 1:
         raise RecipeError(source, "model.llm", "give exactly one of `pretrained` (a causal LM hub "
