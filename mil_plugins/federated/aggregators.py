@@ -177,12 +177,3 @@ def build_aggregator(section: dict) -> Aggregator:
     from mil_plugins.plugins import AGGREGATORS
 
     return AGGREGATORS.get(section["aggregator"])(**(section.get("aggregator_options") or {}))
-
-
-def check_federated_section(section: dict) -> None:
-    """Recipe check: the aggregator exists and takes the options; counts agree."""
-    build_aggregator(section)
-    per_round = section.get("clients_per_round")
-    if per_round is not None and per_round > section["clients"]:
-        raise ValueError(f"federated.clients_per_round ({per_round}) is more than "
-                         f"federated.clients ({section['clients']})")

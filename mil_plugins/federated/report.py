@@ -32,7 +32,8 @@ def summarize(recipe: dict, state: dict) -> dict:
     method = "+".join(m["name"] for m in recipe["methods"])
     return {
         "kind": "federated",
-        "method": f"{fed['aggregator']}" + ("" if method == "finetune" else f"+{method}"),
+        "method": fed["aggregator"] + ("" if method in ("finetune", fed["aggregator"])
+                                       else f"+{method}"),
         "aggregator": fed["aggregator"], "methods": [m["name"] for m in recipe["methods"]],
         "recipe": recipe.get("_source", ""), "seed": recipe["train"]["seed"],
         "split": fed["split"], "clients": state["clients"],

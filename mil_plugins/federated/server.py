@@ -13,7 +13,8 @@ split with its personalised model and with the global model, checkpoint, rewrite
 
     OUT/checkpoints/round-0001/   base / global / clients .safetensors, state.json, recipe.json,
                                   data.json, tokenizer/, checksums.json (written last, verified)
-    OUT/checkpoints/last/         the newest round (``mil federate RECIPE --resume`` goes on)
+    OUT/checkpoints/last/         a copy of the newest round; ``mil federate RECIPE --resume`` goes
+                                  on after the newest complete round-NNNN
 """
 
 from __future__ import annotations
@@ -90,10 +91,11 @@ class FederatedServer:
         recipe = self.recipe
         prepare_data(recipe, self.dist)
         self.data = data_fingerprint(recipe)
-        last = self.ckpt_root / "last"
-        loaded = self._read(last, allow_changes) if resume and (last / "state.json").exists() else None
+        last = self.latest()
+        loaded = self._read(last, allow_changes) if resume and last is not None else None
         if resume and loaded is None:
-            print(f"[mil] --resume: no round checkpoint in {last}; starting from the beginning")
+            print(f"[mil] --resume: no round checkpoint in {self.ckpt_root}; starting from the "
+                  f"beginning")
         self.session = Session(recipe, self.dist,
                                tokenizer_dir=last / "tokenizer" if loaded else None)
         self.model, self.ctx, self.hooks = self.session.model, self.session.ctx, self.session.hooks
@@ -116,10 +118,10 @@ class FederatedServer:
             self.base, self.global_, self.state = loaded["base"], loaded["global"], loaded["state"]
             self.personal, self.local = loaded["personal"], loaded["local"]
             load_into(self.model, self.base)
-            print(f"[mil] resuming from {last} (after round {self.state['round']})")
+            print(f"[mil] resuming from {last} (after round {self.state['round']})", flush=True)
         else:
             self._warmup()
-        self.trainer = ClientTrainer(recipe, session=self.session)
+        self.trainer = ClientTrainer(recipe, session=self.session, logger=self.logger)
         self.initial = dict(self.trainer.initial)
 
     # ---- the warm-up: the server's "pretrained" base, sent to every client -------------------
@@ -234,6 +236,15 @@ class FederatedServer:
         return self.write_report()
 
     # ---- checkpoints ----------------------------------------------------------------------------
+    def latest(self) -> Path | None:
+        """The newest complete round checkpoint (``last`` may lag it by one: a kill between)."""
+        rounds = sorted(p for p in self.ckpt_root.glob("round-*") if p.is_dir())
+        for path in reversed(rounds):
+            recover_dir(path)
+            if (path / "checksums.json").is_file():
+                return path
+        return None
+
     def save(self, path: Path) -> None:
         keyed = {f"personal/{c}/{n}": v for c, s in self.personal.items() for n, v in s.items()}
         keyed.update({f"local/{c}/{n}": v for c, s in self.local.items() for n, v in s.items()})

@@ -2,8 +2,10 @@
 
 Xiong et al., 2025, "Pilot: Building the Federated Multimodal Instruction Tuning Framework"
 (AAAI 2025, arXiv 2501.13985; released fine-tuning code MightXiong/FedMIT). Only meaningful under
-``mil federate`` (a recipe with a ``federated`` section); the server side is the ``pilot``
-aggregator (:mod:`mil_plugins.federated.aggregators`). See ``docs/federated.md``.
+``mil federate`` (a recipe with a ``federated`` section), whose server side is the ``pilot``
+aggregator (:mod:`mil_plugins.federated.aggregators`); see ``docs/federated.md``. In a stage-by-
+stage recipe (``mil train``) each stage is a task with its own branch beside one shared client
+branch (stage 1 only: there are no rounds).
 
 Beside every linear layer of the shared connector's projector ``W`` (``wrap_linears``, scope
 ``connector``) sit, per task key ``t`` of the federation (one per client group, from the split),
@@ -18,7 +20,8 @@ a *task branch* ``T_t`` and one *client branch* ``C``, each a bottleneck adapter
         loss  balance * E^2 mean(mean_softmax * top1_fraction)    (0.1)
               + z * mean(logsumexp(x G)^2)                        (router z-loss, 0.01)
 
-Stage 2 starts at round ``moa_from_round`` (default: half the rounds, rounded up). Each client
+Stage 2 starts at round ``moa_from_round`` (1-based; default ``rounds // 2 + 1``, so 4 rounds are
+2 + 2); with a single task there is nothing to mix and stage 1 goes on. Each client
 trains its own task branch, the client branch, the gate (stage 2) and what the recipe's
 ``train.trainable`` names; other tasks' branches reach it from the server frozen, so a task's
 expert is averaged only over the clients of that task while every client learns to use them
@@ -129,7 +132,7 @@ class Pilot(Method):
         "orth": 0.1,               # stage 1: DiffLoss coefficient (released code: 0.1)
         "balance": 0.1,            # stage 2: load-balancing coefficient (0.1)
         "z": 0.01,                 # stage 2: router z-loss coefficient (0.01)
-        "moa_from_round": None,    # first round of stage 2 (null: half the rounds, rounded up)
+        "moa_from_round": None,    # first round (1-based) of stage 2 (null: rounds // 2 + 1)
     }
     conflicts = {"pathweave": "both put adapters beside the shared connector's layers",
                  "expansion": "both add adapters to the shared connector"}
@@ -149,10 +152,8 @@ class Pilot(Method):
         from mil_plugins.federated.split import split_clients, task_keys
 
         section = ctx.recipe.get("federated")
-        if not section:
-            raise ValueError(f"method {NAME!r} needs a federated recipe (a `federated:` section, "
-                             f"run with `mil federate`)")
-        self.tasks = task_keys(split_clients(section, ctx.stages, ctx.seed))
+        self.tasks = (task_keys(split_clients(section, ctx.stages, ctx.seed)) if section
+                      else [st.name for st in ctx.stages])
         if ctx.model.connector.shared is None:
             raise ValueError(f"method {NAME!r} needs a shared connector (model.connector.mode: shared)")
         names = [n for n, _ in _linears(ctx.model)]
@@ -168,16 +169,19 @@ class Pilot(Method):
             return 1
         start = self.options["moa_from_round"]
         if start is None:
-            start = math.ceil(int(fed["rounds"]) / 2)
-        return 2 if int(fed["round"]) >= int(start) and len(self.tasks) > 1 else 1
+            start = int(fed["rounds"]) // 2 + 1
+        return 2 if int(fed["round"]) + 1 >= int(start) and len(self.tasks) > 1 else 1
+
+    def _route(self, ctx) -> None:
+        """The task whose branch runs: the federation's client task, else the current stage."""
+        fed = getattr(ctx, "federation", None)
+        task = fed["task"] if fed else (ctx.stage.name if ctx.stage is not None else None)
+        if task is not None and task not in self.tasks:
+            raise ValueError(f"method {NAME!r}: task {task!r} is not one of {self.tasks}")
+        self.state.task, self.state.phase = task, self._phase(fed)
 
     def before_stage(self, ctx, stage) -> None:
-        fed = getattr(ctx, "federation", None)
-        self.state.task = fed["task"] if fed else None
-        if self.state.task is not None and self.state.task not in self.tasks:
-            raise ValueError(f"method {NAME!r}: task {self.state.task!r} is not one of the "
-                             f"federation's {self.tasks}")
-        self.state.phase = self._phase(fed)
+        self._route(ctx)
 
     def trainable(self, ctx, stage, names):
         if self.state.task is None:
@@ -189,6 +193,7 @@ class Pilot(Method):
                              if TAG in n and n.split(TAG, 1)[1].startswith(tuple(own))}
 
     def before_forward(self, ctx, batch) -> None:
+        self._route(ctx)  # evaluation scores each task (stage or client) with its own branch
         self.state.branches.clear()
         self.state.gate_logits.clear()
 
