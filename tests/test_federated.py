@@ -311,6 +311,17 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _wait_port(port: int, procs: list, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return  # one died: the test's assertion shows its log
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         try:
@@ -329,13 +340,15 @@ def test_deployment_engine_over_loopback(data_root, tmp_path):
     """SuperLink and two SuperNodes as separate processes on 127.0.0.1, the app submitted with
     ``flwr run``: one round of two clients finishes, then everything is stopped."""
     bin_dir = Path(sys.executable).parent
-    fleet, control, link_http, node0, node1 = _free_ports(5)
+    link, node0, node1 = _free_ports(3)  # the SuperLink serves Fleet, Control and its runtime
+    # API on one HTTP port (Flower 1.42); each SuperNode has its runtime API on its own
     env = _env()
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])  # flower-superexec & co.
     env["FLWR_HOME"] = str(tmp_path / "flwr-home")
     Path(env["FLWR_HOME"]).mkdir()
     (Path(env["FLWR_HOME"]) / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-        f'address = "127.0.0.1:{control}"\ninsecure = true\n')
+        f'address = "127.0.0.1:{link}"\ninsecure = true\n')
     out = tmp_path / "deployment"
     app = tmp_path / "app"
     args = _args(data_root, out, "federated.clients=2", "federated.rounds=1")
@@ -353,14 +366,13 @@ def test_deployment_engine_over_loopback(data_root, tmp_path):
 
     try:
         start("superlink", [str(bin_dir / "flower-superlink"), "--insecure",
-                            "--fleet-api-address", f"127.0.0.1:{fleet}",
-                            "--control-api-address", f"127.0.0.1:{control}",
-                            "--host", "127.0.0.1", "--port", str(link_http)])
+                            "--host", "127.0.0.1", "--port", str(link)])
         for i, port in enumerate((node0, node1)):
             start(f"node{i}", [str(bin_dir / "flower-supernode"), "--insecure",
-                               "--superlink", f"127.0.0.1:{fleet}", "--host", "127.0.0.1",
+                               "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1",
                                "--port", str(port),
                                "--node-config", f"partition-id={i} num-partitions=2"])
+        _wait_port(link, procs)
         run = start("run", [str(bin_dir / "flwr"), "run", str(app), "loopback", "--stream"])
         deadline = time.monotonic() + 300
         metrics = out / "metrics.json"
