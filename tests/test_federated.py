@@ -394,3 +394,16 @@ def test_deployment_engine_over_loopback(data_root, tmp_path):
             _stop(p)
         for f in logs.values():
             f.close()
+
+
+def test_only_the_flower_integration_imports_flwr():
+    code = ("import sys; import mil_plugins.federated.server, mil_plugins.federated.cli, "
+            "mil_plugins.methods.pilot, mil_plugins.federated.aggregators; "
+            "print('flwr' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"
+    files = [p for p in (ROOT / "mil_plugins").rglob("*.py")
+             if "import flwr" in p.read_text() or "from flwr" in p.read_text()]
+    assert {p.relative_to(ROOT).as_posix() for p in files} <= {
+        "mil_plugins/integrations/flower/app.py"}
