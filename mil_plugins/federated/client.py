@@ -96,7 +96,7 @@ class ClientTrainer:
 
     def train(self, index: int, rnd: int, received: dict) -> tuple[dict, int, dict]:
         """Train client ``index`` in round ``rnd`` from ``received``; returns ``(tensors it
-        trained and its standardisers, number of training samples, {"loss", "steps", "seconds"})``."""
+        trained and its standardisers, training samples, {"loss", "steps", "seconds"})``."""
         if not 0 <= index < len(self.clients):
             raise ValueError(f"client {index} is not one of the recipe's {len(self.clients)} "
                              f"(federated.clients)")

@@ -62,6 +62,8 @@ def _curve(metrics: dict) -> bytes:
     ax.plot(rounds, [_mean(h["personalised"]) for h in hist], color="black", lw=2, label="mean")
     ax.plot(rounds, [_mean(h["global"]) for h in hist], color="black", lw=2, ls="--",
             label="global model, mean")
+    ax.set_xticks(rounds)
+    ax.set_ylim(0, 100)
     ax.set_xlabel("round")
     ax.set_ylabel("score (0-100)")
     ax.set_title(f"{metrics['method']}: each client's test split")

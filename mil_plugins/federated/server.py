@@ -1,6 +1,6 @@
 """The federated runner's server side: rounds, aggregation, evaluation, checkpoints, report.
 
-:class:`FederatedServer` is the sibling of the stage runner (:class:`~mil_plugins.engine.run.Runner`)
+:class:`FederatedServer` is the sibling of the stage runner (``mil_plugins.engine.run.Runner``)
 over the same Session, methods, training loop (:mod:`mil_plugins.engine.steps`) and evaluation.
 It does not know how clients are reached: :meth:`FederatedServer.run` takes a ``clients``
 callable ``(round, [client index], {index: tensors}) -> {index: (tensors, num_samples, metrics)}``:
@@ -35,8 +35,10 @@ from mil_plugins.engine.logs import JsonlLogger, report_targets
 from mil_plugins.engine.resume import check_resume, data_fingerprint
 from mil_plugins.engine.rundir import RunFolder
 from mil_plugins.engine.session import Session
-from mil_plugins.engine.steps import evaluate_samples, prepare_data, stage_plan, train_plan
+from mil_plugins.engine.loop import StagePlan
+from mil_plugins.engine.steps import evaluate_samples, prepare_data, train_plan
 from mil_plugins.engine.trainable import group_names
+from mil_plugins.evaluate import score_predictions
 from mil_plugins.federated.aggregators import build_aggregator
 from mil_plugins.federated.client import ClientTrainer, client_stage, federation_info
 from mil_plugins.federated.params import is_text, load_into, snapshot
@@ -130,8 +132,8 @@ class FederatedServer:
         if not w:
             return
         train = self.recipe["train"]
-        plan = stage_plan("warmup", -1, self.session.warmup_samples,
-                          {"epochs": w["epochs"], "max_steps": w["max_steps"], "lr": w["lr"]}, train)
+        plan = StagePlan("warmup", -1, self.session.warmup_samples, w["epochs"], w["max_steps"],
+                         w["lr"] if w["lr"] is not None else train["lr"], None)  # as Runner's
         names = group_names(self.model, w["trainable"], None)
         started = time.perf_counter()
         train_plan(self.session, plan, names, self.logger)
@@ -215,7 +217,6 @@ class FederatedServer:
             info = self.aggregate(replies)
             scores = self.evaluate(rnd)
             rows = scores.pop("rows")
-            from mil_plugins.evaluate import score_predictions
             record = {"round": rnd + 1, "clients": chosen,
                       "loss": {str(c): replies[c][2].get("loss") for c in chosen},
                       "train_samples": {str(c): replies[c][1] for c in chosen},
