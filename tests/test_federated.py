@@ -54,6 +54,19 @@ def test_fedprox_averages_like_fedavg_and_asks_clients_for_the_proximal_term():
         FedProx(mu=-1)
 
 
+def test_fedprox_proximal_term_is_half_mu_times_the_squared_distance():
+    from mil_plugins.federated.client import ProximalTerm
+
+    w = torch.nn.Parameter(torch.tensor([1.0, 3.0]))
+    frozen = torch.nn.Parameter(torch.tensor([9.0]), requires_grad=False)
+    prox = ProximalTerm(0.5, {"w": torch.tensor([0.0, 1.0]), "frozen": torch.tensor([0.0])},
+                        {"w": w, "frozen": frozen})
+    term = prox.loss_terms(None, {}, None)["proximal"]
+    assert term.item() == pytest.approx(0.25 * (1.0 + 4.0))   # only what the client trains
+    term.backward()
+    assert torch.allclose(w.grad, 0.5 * torch.tensor([1.0, 2.0]))
+
+
 def test_local_only_keeps_every_client_on_its_own_parameters():
     states = [{"w": torch.tensor([0.0])}, {"w": torch.tensor([2.0])}]
     _, personal = LocalOnly().aggregate(states, [1, 1], set())
