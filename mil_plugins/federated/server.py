@@ -202,7 +202,9 @@ class FederatedServer:
             mine = self._score(self.view(c.index), c, rnd)
             out["personalised"].append(mine["score"])
             out["rows"].extend(mine.pop("rows"))
-            out["global"].append(self._score(global_view, c, rnd)["score"])
+            same = not self.personal.get(c.index) and not self.local.get(c.index)
+            out["global"].append(mine["score"] if same else  # the same model: not scored twice
+                                 self._score(global_view, c, rnd)["score"])
         return out
 
     def run(self, clients: Clients | None = None) -> dict:
