@@ -351,7 +351,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_deployment_engine_over_loopback(data_root, tmp_path):
     """SuperLink and two SuperNodes as separate processes on 127.0.0.1, the app submitted with
-    ``flwr run``: one round of two clients finishes, then everything is stopped."""
+    ``flwr run``: one FedProx round of two clients finishes, then everything is stopped."""
     bin_dir = Path(sys.executable).parent
     link, node0, node1 = _free_ports(3)  # the SuperLink serves Fleet, Control and its runtime
     # API on one HTTP port (Flower 1.42); each SuperNode has its runtime API on its own
@@ -364,7 +364,8 @@ def test_deployment_engine_over_loopback(data_root, tmp_path):
         f'address = "127.0.0.1:{link}"\ninsecure = true\n')
     out = tmp_path / "deployment"
     app = tmp_path / "app"
-    args = _args(data_root, out, "federated.clients=2", "federated.rounds=1")
+    args = _args(data_root, out, "federated.clients=2", "federated.rounds=1",
+                 "federated.aggregator=fedprox", "methods=[{name: finetune}]")  # FedProx here
     subprocess.run([sys.executable, "-m", "mil_plugins.cli", "federate", *args,
                     "--flower-app", str(app)], env=env, cwd=ROOT, check=True, timeout=120,
                    capture_output=True)
