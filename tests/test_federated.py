@@ -421,3 +421,44 @@ def test_only_the_flower_integration_imports_flwr():
              if "import flwr" in p.read_text() or "from flwr" in p.read_text()]
     assert {p.relative_to(ROOT).as_posix() for p in files} <= {
         "mil_plugins/integrations/flower/app.py"}
+
+
+def test_clients_per_round_is_a_seeded_sample():
+    from mil_plugins.federated.server import FederatedServer
+
+    fake = SimpleNamespace(fed={"clients_per_round": 2}, clients=[0, 1, 2, 3],
+                           recipe={"train": {"seed": 0}})
+    picks = [FederatedServer.chosen(fake, r) for r in range(6)]
+    assert all(len(p) == 2 and p == sorted(set(p)) for p in picks)
+    assert picks == [FederatedServer.chosen(fake, r) for r in range(6)]
+    assert len({tuple(p) for p in picks}) > 1
+    fake.fed["clients_per_round"] = None
+    assert FederatedServer.chosen(fake, 0) == [0, 1, 2, 3]
+
+
+def test_compare_tabulates_federated_runs(tmp_path):
+    from mil_plugins import compare
+    from mil_plugins.federated.report import summarize
+
+    groups = {}
+    for label, base in (("fedavg", 50.0), ("pilot", 60.0)):
+        for seed in range(3):
+            d = tmp_path / label / f"seed-{seed}"
+            d.mkdir(parents=True)
+            hist = [{"round": 1, "clients": [0, 1], "loss": {}, "train_samples": {},
+                     "personalised": [base + seed, base + 2 + seed], "global": [base, base],
+                     "per_task": {"shape": base + seed, "color": base + 2 + seed}, "seconds": 1.0}]
+            state = {"round": 1, "clients": [{"name": "client-0"}, {"name": "client-1"}],
+                     "history": hist}
+            recipe = {"federated": {"aggregator": label, "split": "task", "rounds": 1},
+                      "methods": [{"name": "finetune"}], "train": {"seed": seed}}
+            (d / "metrics.json").write_text(json.dumps(summarize(recipe, state)))
+            groups.setdefault(label, []).append(d)
+    result = compare.aggregate(groups, reference="fedavg")
+    assert result["kind"] == "federated"
+    pilot = result["groups"]["pilot"]
+    assert pilot["metrics"]["final_average_accuracy"]["mean"] == pytest.approx(62.0)
+    assert pilot["paired"]["final_average_accuracy"]["mean"] == pytest.approx(10.0)
+    text = compare.render(result)
+    assert "personalised models" in text and "| pilot | 3 | 62.0 ± 1.0" in text
+    assert "| aggregation | shape | color |" in text and "| pilot | 61.0 ± 1.0 | 63.0 ± 1.0 |" in text
