@@ -192,7 +192,8 @@ def test_pilot_losses():
 
 # ---- whole runs -------------------------------------------------------------------------------------
 def _env() -> dict:
-    env = dict(os.environ, MIL_NUM_THREADS="1", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
+    env = dict(os.environ, MIL_NUM_THREADS="1", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0",
+               FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0")  # nothing leaves the box
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
     return env
 

@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
+# before flwr / ray read them: no usage telemetry from our processes (set them to 1 to opt in)
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message,  # noqa: E402
+                      MetricRecord, RecordDict)
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 #: seconds the server waits for every client's SuperNode to connect
 NODE_WAIT_S = 600.0
