@@ -1,4 +1,4 @@
-"""The ``mil`` command: plugins, make-benchmark, check-data, train, eval, export.
+"""The ``mil`` command: plugins, make-benchmark, check-data, train, federate, eval, export.
 
 Each sub-command imports what it needs only when it runs, so ``mil plugins`` stays quick.
 """
@@ -84,6 +84,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(argv)
 
 
+def cmd_federate(args: argparse.Namespace) -> int:
+    from mil_plugins.federated.cli import run
+
+    return run(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from mil_plugins.evaluate import eval_checkpoint_cli
 
@@ -111,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list every installed plugin and whether it loads")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--kind", choices=["modality", "projector", "method"])
+    p.add_argument("--kind", choices=["modality", "projector", "method", "aggregator"])
     p.add_argument("--no-load", action="store_true",
                    help="list what is installed without importing it (fast: no torch)")
     p.set_defaults(func=cmd_plugins)
@@ -148,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_launcher_args(p)  # --local_rank (the deepspeed launcher's), --deepspeed PATH.json
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("federate", help="run a federated recipe on Flower (docs/federated.md)")
+    from mil_plugins.federated.cli import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("eval", help="score a checkpoint on one or more manifests")
     p.add_argument("checkpoint")

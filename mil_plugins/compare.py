@@ -29,6 +29,12 @@ METRICS = (
     ("average_incremental_accuracy", "avg incremental acc", True),
 )
 
+#: federated runs (``mil federate``; docs/federated.md) add these, tabulated by the ``federated`` view
+FEDERATED_METRICS = (
+    ("final_average_accuracy", "personalised models", True),
+    ("final_global_accuracy", "global model", True),
+)
+
 BLOCK = re.compile(r"<!-- results: (?P<path>[^ ]+?)(?: (?P<view>[a-z_]+))? -->\n(?P<body>.*?)<!-- /results -->",
                    re.S)
 
@@ -88,7 +94,8 @@ def aggregate(groups: Mapping[str, Sequence[Path]], reference: str | None = "fin
             "recipe": ms[0].get("recipe") if ms else None,
             "runs": [m["_dir"] for m in ms],
             "seeds": [m["_seed"] for m in ms],
-            "metrics": {k: summarize([m.get(k) for m in ms]) for k, _, _ in METRICS},
+            "metrics": {k: summarize([m.get(k) for m in ms])
+                        for k, _, _ in METRICS + FEDERATED_METRICS},
             "per_task": {s: {t: summarize([(m.get("per_task") or {}).get(s, {}).get(t) for m in ms])
                              for t in tasks} for s, tasks in task_names.items()},
             "accuracy_matrix": _mean_matrix([m.get("accuracy_matrix") or [] for m in ms]),
@@ -104,8 +111,10 @@ def aggregate(groups: Mapping[str, Sequence[Path]], reference: str | None = "fin
             pairs = [(m, by_seed.get(m["_seed"])) for m in ms]
             g["paired"] = {k: paired([m.get(k) for m, r in pairs if r is not None],
                                      [r.get(k) for m, r in pairs if r is not None])
-                           for k, _, _ in METRICS}
+                           for k, _, _ in METRICS + FEDERATED_METRICS}
         out["groups"][label] = g
+    if all(m.get("kind") == "federated" for ms in runs.values() for m in ms):
+        out["kind"] = "federated"
     out["chance"] = _chance(stage_modalities, task_names)
     out["stages"] = list(stage_modalities)
     return out
@@ -237,7 +246,38 @@ def render_brief(result: Mapping[str, Any]) -> str:
     return "; ".join(parts) + f" (mean ± std over {n} seeds).\n"
 
 
-VIEWS = {"summary": render_summary, "brief": render_brief, "tasks": render_tasks, "probe_gap": _probe_gap}
+def render_federated(result: Mapping[str, Any]) -> str:
+    """Federated runs: the mean over clients of each client's score on its own test split after
+    the last round (personalised models, and the global model), mean ± std over seeds with the
+    95% interval; per task; paired differences to the reference."""
+    groups = result["groups"]
+    n = max((len(g["runs"]) for g in groups.values()), default=0)
+    titles = [t for _, t, _ in FEDERATED_METRICS]
+    lines = ["| aggregation | seeds | " + " | ".join(f"{t} (mean ± std) [95% CI]" for t in titles)
+             + " |", "|---|---:|" + "---:|" * len(titles)]
+    for label, g in groups.items():
+        cells = [f"{_pm(g['metrics'][k])} {_bracket(g['metrics'][k])}".strip()
+                 for k, _, _ in FEDERATED_METRICS]
+        lines.append(f"| {label} | {len(g['runs'])} | " + " | ".join(cells) + " |")
+    tasks = list(dict.fromkeys(t for g in groups.values() for s in g["per_task"].values() for t in s))
+    lines += ["", "Per task, personalised models (mean ± std):", "",
+              "| aggregation | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for label, g in groups.items():
+        per = next(iter(g["per_task"].values()), {})
+        lines.append(f"| {label} | " + " | ".join(_pm(per.get(t)) for t in tasks) + " |")
+    ref = result.get("reference")
+    paired_groups = {k: g for k, g in groups.items() if "paired" in g}
+    if ref in groups and paired_groups:
+        lines += ["", f"Paired differences to `{ref}` (same seeds; mean [95% CI]):", "",
+                  "| aggregation | " + " | ".join(f"Δ {t}" for t in titles) + " |",
+                  "|---|" + "---:|" * len(titles)]
+        for label, g in paired_groups.items():
+            lines.append(f"| {label} | " + " | ".join(_ci(g["paired"][k], signed=True)
+                                                      for k, _, _ in FEDERATED_METRICS) + " |")
+    return "\n".join(lines) + f"\n\nOver {n} seeds.\n"
+
+
+VIEWS = {"federated": render_federated, "summary": render_summary, "brief": render_brief, "tasks": render_tasks, "probe_gap": _probe_gap}
 
 
 def render_view(result: Mapping[str, Any], view: str | None) -> str:
@@ -250,6 +290,9 @@ def render_view(result: Mapping[str, Any], view: str | None) -> str:
 
 
 def render(result: Mapping[str, Any]) -> str:
+    if result.get("kind") == "federated":
+        text = render_federated(result)
+        return text + (f"\nProduced by: `{result['command']}`\n" if result.get("command") else "")
     text = render_summary(result) + "\nPer task after the final stage (mean ± std over seeds):\n\n" \
         + render_tasks(result)
     if result.get("command"):

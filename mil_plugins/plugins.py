@@ -3,6 +3,7 @@
     MODALITIES  group ``mil_plugins.modalities``  -> ModalityPlugin subclasses
     PROJECTORS  group ``mil_plugins.projectors``  -> projector factories
     METHODS     group ``mil_plugins.methods``     -> Method subclasses
+    AGGREGATORS group ``mil_plugins.aggregators`` -> Aggregator subclasses (``mil federate``)
 
 Nothing registers itself on import: built-ins are entry points of our own distribution.
 """
@@ -32,11 +33,19 @@ def _check_projector(name: str, obj: Any) -> None:
                         f"(mm_hidden_size, hidden_size, **options) -> nn.Module, got {obj!r}")
 
 
+def _check_aggregator(name: str, obj: Any) -> None:
+    from mil_plugins.federated.aggregators import check_aggregator_plugin  # torch: only when loaded
+
+    check_aggregator_plugin(name, obj)
+
+
 MODALITIES = Registry("modality", "mil_plugins.modalities", _check_modality)
 PROJECTORS = Registry("projector", "mil_plugins.projectors", _check_projector)
 METHODS = Registry("method", "mil_plugins.methods", _check_method)
+AGGREGATORS = Registry("aggregator", "mil_plugins.aggregators", _check_aggregator)
 
-REGISTRIES: dict[str, Registry] = {"modality": MODALITIES, "projector": PROJECTORS, "method": METHODS}
+REGISTRIES: dict[str, Registry] = {"modality": MODALITIES, "projector": PROJECTORS, "method": METHODS,
+                                   "aggregator": AGGREGATORS}
 
 
 def all_records(load: bool = True) -> list[dict]:

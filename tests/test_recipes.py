@@ -19,7 +19,8 @@ def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# Run:"), f"{path} must start with the command that runs it"
-    assert "tools/train.py" in first and path.name in first
+    runner = "mil federate" if recipe.get("federated") else "tools/train.py"
+    assert runner in first and path.name in first
     if recipe["train"]["deepspeed"]:
         assert (ROOT / recipe["train"]["deepspeed"]).exists()
 
@@ -123,6 +124,6 @@ def test_recipe_reference_lists_every_schema_key():
     text = (ROOT / "docs" / "recipes.md").read_text()
     for section in (S.RECIPE, S.MODEL, S.LLM, S.TOKENIZER, S.CONNECTOR, S.LORA, S.DATA, S.GENERATE,
                     S.WARMUP, S.ENCODER_PRETRAINING, S.STAGE, S.METHOD, S.TRAIN, S.EVAL,
-                    S.OUTPUT):
+                    S.OUTPUT, S.FEDERATED):
         for key in section:
             assert f"| `{key}` |" in text, f"docs/recipes.md does not list {key!r}"

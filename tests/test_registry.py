@@ -143,6 +143,6 @@ def test_mil_plugins_json_cli():
                          capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"modality", "projector", "method"}
+    assert kinds == {"modality", "projector", "method", "aggregator"}
     linear = next(r for r in rows if r["name"] == "linear")
     assert linear["distribution"] == "mil-plugins" and linear["status"] == "loaded"

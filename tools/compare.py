@@ -49,13 +49,19 @@ def run_one(recipe: str, overrides: list[str], seed: int, out: Path, rerun: bool
     loaded = load_recipe(recipe, full)  # validate before starting anything
     metrics = out / "metrics.json"
     if not rerun and metrics.exists():
-        if json.loads(metrics.read_text()).get("completed_stages") == len(loaded["stages"]):
+        expected = loaded["federated"]["rounds"] if loaded.get("federated") else len(loaded["stages"])
+        if json.loads(metrics.read_text()).get("completed_stages") == expected:
             print(f"[compare] {out}: done before, not re-run", flush=True)
             return out
     print(f"[compare] running {recipe} seed {seed} -> {out}", flush=True)
     # a folder holding an unfinished run (killed) is started again from scratch
-    subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), recipe, *full, "--overwrite"],
-                   check=True, cwd=ROOT)
+    if loaded.get("federated"):  # `mil federate`, clients in this process (the same rounds as on
+        # Flower's engines, without starting Ray for every seed)
+        command = [sys.executable, "-m", "mil_plugins.cli", "federate", recipe, *full,
+                   "--overwrite", "--engine", "inprocess"]
+    else:
+        command = [sys.executable, str(ROOT / "tools" / "train.py"), recipe, *full, "--overwrite"]
+    subprocess.run(command, check=True, cwd=ROOT)
     return out
 
 

@@ -13,6 +13,8 @@
 #   deepspeed==0.19.8    built from source with DS_BUILD_OPS=0 (ops JIT-compile on GPU when needed),
 #                        --no-build-isolation so that its build sees our torch instead of fetching one.
 #   open3d-cpu==0.20.0   needs the Debian package libusb-1.0-0 to import; installed here when missing.
+#   flwr==1.42.0         Flower (mil federate), with its simulation extra (Ray 2.55.1, a ~74 MB wheel);
+#                        its pins set certifi, protobuf, typer, rich and packaging in the constraints.
 #   llava-torch==1.2.2.post1  LLaVA's own code (the `llava` package of haotian-liu/LLaVA), for the LLaVA-fork
 #                        integration and its tests; installed --no-deps: its pins (torch 2.0.1,
 #                        transformers 4.36.2, timm, gradio ...) are stale and llava.model, .conversation,
@@ -51,12 +53,12 @@ pip_install() {
 echo "[setup] torch + torchvision"
 pip_install "torch==2.14.1" "torchvision==0.29.1"
 echo "[setup] mil-plugins and its dependencies"
-pip_install -e ".[test]"
+pip_install -e ".[test,federated]"
 echo "[setup] deepspeed (from source, DS_BUILD_OPS=0)"
 DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed==0.19.8"
 echo "[setup] llava-torch (LLaVA's own code, without its stale pinned dependencies)"
 pip_install --no-deps "llava-torch==1.2.2.post1"
-.venv/bin/python -c "import torch, torchvision, timm, transformers, peft, deepspeed, librosa, av, open3d, pycocoevalcap.cider.cider, mil_plugins, llava.model" \
+.venv/bin/python -c "import torch, torchvision, timm, transformers, peft, deepspeed, librosa, av, open3d, pycocoevalcap.cider.cider, mil_plugins, llava.model, flwr, ray" \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[setup] done: torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')"

@@ -18,15 +18,14 @@ import torch
 from mil_plugins.engine import checkpoint as ckpt
 from mil_plugins.engine.distributed import (fill_deepspeed_config, init_distributed,
                                             resolve_deepspeed_config)
-from mil_plugins.engine.encoder_pretraining import apply_encoder_pretraining
 from mil_plugins.engine.logs import JsonlLogger, report_targets
 from mil_plugins.engine.loop import StagePlan, train_stage
 from mil_plugins.engine.preflight import preflight
 from mil_plugins.engine.resume import check_resume, data_fingerprint
 from mil_plugins.engine.rundir import RunFolder
 from mil_plugins.engine.session import Session
+from mil_plugins.engine.steps import evaluate_samples, prepare_data, stage_plan
 from mil_plugins.engine.trainable import apply_trainable, group_names
-from mil_plugins.evaluate import predict, score_predictions
 from mil_plugins.launcher_args import add_launcher_args
 from mil_plugins.methods.context import Stage
 from mil_plugins.methods.teacher import TeacherSource
@@ -35,10 +34,6 @@ from mil_plugins.recipe import load_recipe
 
 #: where a mid-stage checkpoint keeps the teacher's stage-start weights (beside the methods' states)
 TEACHER_KEY = "_teacher"
-
-
-def _stage_lr(stage_cfg: dict, train: dict, key: str):
-    return stage_cfg.get(key) if stage_cfg.get(key) is not None else train[key]
 
 
 class Runner:
@@ -66,8 +61,6 @@ class Runner:
         recipe = self.recipe
         self.dist.barrier()
         self._prepare_data()
-        apply_encoder_pretraining(recipe, self.dist,
-                                  log=print if self.dist.is_main else (lambda *_: None))
         self.data_fingerprint = data_fingerprint(recipe)
         loaded = self._read_resume_checkpoint(allow_changes) if resume else None
         if self.dist.is_main:
@@ -94,13 +87,7 @@ class Runner:
             self._resume(loaded)
 
     def _prepare_data(self) -> None:
-        gen = self.recipe["data"]["generate"]
-        if gen is not None:
-            if self.dist.is_main:
-                from mil_plugins.benchmark import make_benchmark
-                make_benchmark(Path(self.recipe["data"]["root"]), size=gen["size"], seed=gen["seed"],
-                               sequence=gen.get("sequence", "modality"))
-            self.dist.barrier()
+        prepare_data(self.recipe, self.dist)
 
     # ---- resume -------------------------------------------------------------------------------
     def _read_resume_checkpoint(self, allow_changes) -> dict | None:
@@ -217,12 +204,7 @@ class Runner:
             ckpt.update_last(self.ckpt_root, self.ckpt_root / "warmup")
 
     def _evaluate(self, stage: Stage) -> dict:
-        ev = self.recipe["eval"]
-        rows = predict(self.model, stage.test_samples, self.session.make_loader,
-                       methods=self.hooks, ctx=self.ctx, dist=self.dist,
-                       batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"],
-                       desc=f"eval {stage.name}")
-        return score_predictions(rows)
+        return evaluate_samples(self.session, stage.test_samples, f"eval {stage.name}")
 
     def _baseline(self) -> None:
         if not self.recipe["eval"]["baseline"] or self.state["baseline"] is not None:
@@ -254,10 +236,7 @@ class Runner:
             samples = self.hooks.train_samples(stage, list(stage.train_samples))
             names = group_names(self.model, cfg["trainable"] or train["trainable"], stage.modality)
             names = self.hooks.trainable(stage, set(names))
-            plan = StagePlan(stage.name, stage.index, samples,
-                             cfg["epochs"] if cfg["epochs"] is not None else train["epochs"],
-                             cfg["max_steps"] if cfg["max_steps"] is not None else train["max_steps"],
-                             _stage_lr(cfg, train, "lr"), _stage_lr(cfg, train, "mm_projector_lr"))
+            plan = stage_plan(stage.name, stage.index, samples, cfg, train)
             result = self._train(plan, names, stage)
             self.hooks.after_stage(stage)
             self.ctx._teacher = None

@@ -285,6 +285,20 @@ def _check_names(recipe: dict, source: str) -> None:
     except ValueError as exc:
         raise RecipeError(source, "methods", str(exc)) from None
 
+    fed = recipe.get("federated")
+    if fed:  # `mil federate` (docs/federated.md)
+        from mil_plugins.plugins import AGGREGATORS
+
+        aggregator = get(AGGREGATORS, fed["aggregator"], "federated.aggregator")
+        try:
+            aggregator(**fed["aggregator_options"])
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(source, "federated.aggregator_options", str(exc)) from None
+        if fed["clients_per_round"] is not None and fed["clients_per_round"] > fed["clients"]:
+            raise RecipeError(source, "federated.clients_per_round",
+                              f"{fed['clients_per_round']} is more than federated.clients "
+                              f"({fed['clients']})")
+
     llm = recipe["model"]["llm"]
     if sum(llm[k] is not None for k in ("pretrained", "config", "llava")) != 1:
         raise RecipeError(source, "model.llm", "give exactly one of `pretrained` (a causal LM hub "

@@ -177,6 +177,20 @@ OUTPUT = {
     "keep_stage_checkpoints": (bool, True),
 }
 
+FEDERATED = {                                # `mil federate RECIPE` (docs/federated.md)
+    "clients": (int, 3),                     # number of clients (Flower SuperNodes / virtual clients)
+    "rounds": (int, 2),
+    "clients_per_round": (Optional(int), None),  # null: every client every round
+    "local_epochs": (NUMBER, 1),             # per round, over the client's own data
+    "local_steps": (Optional(int), None),    # wins over local_epochs when set
+    "split": (str, "task"),                  # task | modality | dirichlet | pooled
+    "dirichlet_alpha": (NUMBER, 0.5),        # split: dirichlet (smaller: more skewed clients)
+    "dirichlet_label": (str, "task"),        # split: dirichlet over this label: task | answer
+    "aggregator": (str, "fedavg"),           # a registered aggregator (mil plugins): fedavg, ...
+    "aggregator_options": (dict, {}),
+    "client_cpus": (NUMBER, 1),              # Simulation Engine: CPUs per virtual client
+}
+
 RECIPE = {
     "extends": (Optional(str), None),
     "model": (MODEL, REQUIRED),
@@ -189,6 +203,7 @@ RECIPE = {
     "train": (TRAIN, {}),
     "eval": (EVAL, {}),
     "output": (OUTPUT, REQUIRED),
+    "federated": (Optional(FEDERATED), None),
 }
 
 #: every ``transformers.SchedulerType`` (``transformers.get_scheduler`` builds them; a test keeps
@@ -210,6 +225,8 @@ CHOICES = {
     ("encoder_pretraining", "data", "generate", "sequence"): ("modality", "mixed"),
     ("train", "scheduler"): SCHEDULERS,
     ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("federated", "split"): ("task", "modality", "dirichlet", "pooled"),
+    ("federated", "dirichlet_label"): ("task", "answer"),
 }
 
 
@@ -283,6 +300,13 @@ RANGES = {
     ("encoder_pretraining", "data", "generate", "seed"): NON_NEGATIVE,
     ("eval", "batch_size"): AT_LEAST_1,
     ("eval", "max_new_tokens"): AT_LEAST_1,
+    ("federated", "clients"): AT_LEAST_1,
+    ("federated", "rounds"): AT_LEAST_1,
+    ("federated", "clients_per_round"): AT_LEAST_1,
+    ("federated", "local_epochs"): POSITIVE,
+    ("federated", "local_steps"): AT_LEAST_1,
+    ("federated", "dirichlet_alpha"): POSITIVE,
+    ("federated", "client_cpus"): POSITIVE,
 }
 
 #: strings that must not be empty (an empty output.dir would write into the working directory)
