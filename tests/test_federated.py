@@ -203,7 +203,8 @@ def _args(data_root: Path, out: Path, *extra: str) -> list[str]:
     and aggregation, CT-MoA in round 2; the tiny benchmark."""
     return [str(RECIPE), f"data.root={data_root}", "data.generate.size=tiny", f"output.dir={out}",
             "output.tensorboard=false", "data.preflight=manifests", "warmup.max_steps=2",
-            "federated.rounds=2", "federated.local_steps=2", "data.max_test_samples=6",
+            "encoder_pretraining=null", "federated.rounds=2", "federated.local_steps=2",
+            "data.max_test_samples=6",
             "eval.batch_size=8", "federated.aggregator=pilot",
             'methods=[{name: pilot, options: {rank: 4, moa_from_round: 2}}]', *extra]
 

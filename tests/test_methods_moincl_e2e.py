@@ -42,7 +42,7 @@ STAGES = [
 
 def _args(data_root: Path, out: Path) -> list[str]:
     return [str(RECIPE), f"data.root={data_root}", f"output.dir={out}",
-            "data.generate.size=tiny", "output.tensorboard=false",
+            "data.generate.size=tiny", "output.tensorboard=false", "encoder_pretraining=null",
             'modalities={"audio": {}}', f"stages={json.dumps(STAGES)}",
             "warmup.max_steps=24", "train.max_steps=6", "train.save_every_steps=2",
             "train.batch_size=8", "data.max_train_samples=16", "data.max_test_samples=8",
