@@ -20,7 +20,6 @@ weights). A sidecar ``.json`` records the settings, the training accuracy per ta
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -124,12 +123,13 @@ def pretrain_encoder(plugin: ModalityPlugin, samples: list, settings: dict) -> t
 
 
 def _pretrain(plugin: ModalityPlugin, samples: list, settings: dict) -> tuple[dict, dict]:
+    """Seeded AdamW + one-cycle schedule on random batches; then the training accuracy per task."""
     t0 = time.time()
     inputs, task, label, classes = labelled_inputs(plugin, samples)
     gen = torch.Generator().manual_seed(int(settings["seed"]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(settings["seed"]))
-        encoder = copy.deepcopy(plugin.build_encoder()).float()
+        encoder = plugin.build_encoder().float()  # a fresh build: the plugin keeps nothing
         encoder.requires_grad_(True).train()
         with torch.no_grad():
             probe = encoder(plugin.collate(inputs[:2]))
@@ -231,8 +231,8 @@ def apply_encoder_pretraining(recipe: dict, dist=None, log=print) -> dict:
         gen = cfg["data"]["generate"]
         if gen is not None:
             from mil_plugins.benchmark import make_benchmark
-            make_benchmark(Path(cfg["data"]["root"]), size=gen["size"], seed=gen["seed"], sequence=gen.get("sequence", "modality"),
-                           modalities=wanted)
+            make_benchmark(Path(cfg["data"]["root"]), size=gen["size"], seed=gen["seed"],
+                           sequence=gen.get("sequence", "modality"), modalities=wanted)
         _train_missing(recipe, wanted, log)
     if dist is not None:
         dist.barrier()
