@@ -202,7 +202,13 @@ class Harmony(Method):
 
     @property
     def per_token(self) -> bool:
-        return bool(getattr(self.model.connector, "mix_tokens", None))
+        """Statistics per token only when every modality's input layer writes the same fixed number
+        of tokens (``mix_tokens``); otherwise (per-token modalities, or counts that differ, e.g.
+        ``mix_tokens_by_modality: {image: null}``) pooled over tokens, so they compare across
+        modalities."""
+        conn = self.model.connector
+        counts = {conn.mix_tokens_of(m) for m in conn.enc_hidden}
+        return len(counts) == 1 and bool(next(iter(counts)))
 
     def trainable(self, ctx, stage, names):
         prefix = "connector.harmony.modulators."
