@@ -48,7 +48,8 @@ from encoders._common import (check_file, check_positive_int, describe_exc, fini
                               require, seeded, check_choice)
 from encoders._input_checks import ascii_ply_vertex_problem, same_place_problem
 from encoders._transformer import Transformer, init_weights
-from mil_plugins.modality import ModalityEncoder, ModalityInputError, ModalityPlugin
+from mil_plugins.modality import (ModalityEncoder, ModalityInputError, ModalityPlugin,
+                                  load_encoder_weights)
 
 OPEN3D_EXTENSIONS = (".ply", ".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts")
 POINT_EXTENSIONS = OPEN3D_EXTENSIONS + (".npy",)
@@ -419,19 +420,7 @@ class PointCloudPlugin(ModalityPlugin):
                 select_layer=-1 if o["select_layer"] is None else o["select_layer"],
                 select_feature=o["select_feature"])
         if o["pretrained"]:
-            from safetensors.torch import load_file
-
-            path = _resolve_weights(str(o["pretrained"]))
-            try:
-                state = load_file(str(path))
-            except Exception as exc:
-                raise ValueError(f"modality 'point': cannot read weights {path} "
-                                 f"({describe_exc(exc)})") from None
-            try:
-                encoder.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise ValueError(f"modality 'point': weights {path} do not fit the encoder built "
-                                 f"from the options (set num_groups / group_size / hidden_size / "
-                                 f"layers / heads / use_colors as when they were saved): "
-                                 f"{exc}") from None
+            load_encoder_weights(encoder, _resolve_weights(str(o["pretrained"])), self.name,
+                                 what="weights", hint="set num_groups / group_size / hidden_size / "
+                                 "layers / heads / use_colors as when they were saved")
         return finish_encoder(encoder, o)

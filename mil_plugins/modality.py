@@ -26,25 +26,27 @@ from mil_plugins.registry import merge_options
 ENCODER_WEIGHTS = "encoder_weights"
 
 
-def load_encoder_weights(encoder: nn.Module, path: str | Path, modality: str) -> None:
-    """Load ``path`` (safetensors) into ``encoder`` strictly; one clear error naming the file."""
+def load_encoder_weights(encoder: nn.Module, path: str | Path, modality: str,
+                         what: str = "encoder_weights",
+                         hint: str = "were they saved with other options?") -> None:
+    """Load ``path`` (safetensors) into ``encoder`` strictly; one clear error naming the file
+    (``what``: the option it came from; ``hint``: what to check when the shapes do not fit)."""
     from safetensors.torch import load_file
 
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"modality {modality!r}: encoder_weights {p} not found")
+        raise ValueError(f"modality {modality!r}: {what} {p} not found")
     try:
         state = load_file(str(p))
     except Exception as exc:
-        raise ValueError(f"modality {modality!r}: cannot read encoder_weights {p} "
+        raise ValueError(f"modality {modality!r}: cannot read {what} {p} "
                          f"({type(exc).__name__}: {exc})") from None
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise ValueError(f"modality {modality!r}: encoder_weights {p} do not fit the encoder its "
-                         f"options build (were they saved with other options?): "
-                         f"{' '.join(first[:3])}") from None
+        raise ValueError(f"modality {modality!r}: {what} {p} do not fit the encoder its options "
+                         f"build ({hint}): {' '.join(first[:3])}") from None
 
 
 class ModalityInputError(ValueError):
