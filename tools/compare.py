@@ -8,8 +8,9 @@
 
 Each (recipe, seed) runs as ``python tools/train.py RECIPE [overrides] train.seed=S
 output.dir=RUNS_ROOT/LABEL/seed-S`` in its own process; a run whose ``metrics.json`` already
-covers every stage is not run again (``--rerun`` forces it). ``key=value`` arguments after a
-recipe apply to that recipe only; ``--override`` applies to all. The label of a recipe is its
+covers every stage and whose saved recipe is the one given now is not run again (``--rerun``
+forces it; a finished run of another recipe, e.g. from before a default changed, is re-run).
+``key=value`` arguments after a recipe apply to that recipe only; ``--override`` applies to all. The label of a recipe is its
 file name without ``.yaml`` (or ``--label``). Printed: per method, each metric as mean ± std over
 seeds with its 95% t-interval, paired differences to ``--reference`` (default finetune) with
 their intervals, and per-task scores beside each task's chance level. ``--json`` writes the
@@ -44,6 +45,25 @@ def split_recipes(items: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def stale_reason(out: Path, loaded: dict) -> str | None:
+    """Why the finished run in ``out`` is not a run of ``loaded`` (None when it is): its saved
+    recipe (``checkpoints/last/recipe.json``, stage runs and federated runs alike) must equal the
+    recipe given now, leaf by leaf. The one key a run adds itself is not a change: the
+    ``encoder_weights`` that ``encoder_pretraining`` writes into each modality's options."""
+    from mil_plugins.engine.resume import recipe_changes
+    saved = out / "checkpoints" / "last" / "recipe.json"
+    if not saved.is_file():
+        return "its recipe was not saved, so it cannot be told apart from another recipe's run"
+    added = loaded.get("encoder_pretraining") is not None
+    changes = [(k, v) for k, v in recipe_changes(json.loads(saved.read_text()), loaded)
+               if not (added and k.endswith(".encoder_weights") and v.endswith("-> (absent)"))]
+    if not changes:
+        return None
+    listing = "; ".join(f"{k}: {v}" for k, v in changes[:5])
+    more = f" (and {len(changes) - 5} more)" if len(changes) > 5 else ""
+    return f"its recipe differs from this one ({listing}{more})"
+
+
 def run_one(recipe: str, overrides: list[str], seed: int, out: Path, rerun: bool) -> Path:
     full = [*overrides, f"train.seed={seed}", f"output.dir={out}"]
     loaded = load_recipe(recipe, full)  # validate before starting anything
@@ -51,8 +71,11 @@ def run_one(recipe: str, overrides: list[str], seed: int, out: Path, rerun: bool
     if not rerun and metrics.exists():
         expected = loaded["federated"]["rounds"] if loaded.get("federated") else len(loaded["stages"])
         if json.loads(metrics.read_text()).get("completed_stages") == expected:
-            print(f"[compare] {out}: done before, not re-run", flush=True)
-            return out
+            changed = stale_reason(out, loaded)
+            if changed is None:
+                print(f"[compare] {out}: done before with this recipe, not re-run", flush=True)
+                return out
+            print(f"[compare] {out}: finished, but {changed}; running it again", flush=True)
     print(f"[compare] running {recipe} seed {seed} -> {out}", flush=True)
     # a folder holding an unfinished run (killed) is started again from scratch
     if loaded.get("federated"):  # `mil federate`, clients in this process (the same rounds as on
