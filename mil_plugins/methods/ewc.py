@@ -21,26 +21,16 @@ EWC). ``online: true``: a single pair, ``F <- gamma * F + F_new`` and ``theta* <
 each stage (memory does not grow with the stages).
 
 Gradients for the Fisher are taken with ``torch.autograd.grad`` on the unwrapped model in eval
-mode (no dropout); ``.grad`` fields are not touched, so the optimiser never sees them.
+mode (no dropout); ``.grad`` fields are not touched, so the optimiser never sees them
+(:mod:`mil_plugins.methods.importance`, shared with ``tir``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from mil_plugins.methods._common import seeded_permutation
 from mil_plugins.methods.base import Method
-
-
-def sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[B]``: each sample's negative log-likelihood summed over its answer tokens (causal
-    shift; labels -100 ignored), so a long answer counts as the sum of its tokens, not their mean."""
-    shifted = logits[:, :-1].float()
-    target = labels[:, 1:]
-    nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1),
-                          ignore_index=-100, reduction="none")
-    return nll.view(target.shape).sum(dim=1)
+from mil_plugins.methods.importance import per_sample_importance, sample_nll, seeded_subset
 
 
 class EWC(Method):
@@ -75,36 +65,10 @@ class EWC(Method):
     def _fisher(self, ctx, stage, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
         """Mean over samples of the squared gradient of each sample's *summed* answer-token
         log-likelihood, on the training forward path (``ctx.forward``: method hooks, precision)."""
-        samples = list(stage.train_samples)
-        n = self.options["fisher_samples"]
-        order = seeded_permutation(ctx, len(samples), "ewc", stage.name)
-        picked = [samples[i] for i in (order if n is None else order[: int(n)])]
-        fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-        names, tensors = list(params), list(params.values())
-        model = ctx.model
-        was_training = model.training
-        model.eval()
-        counted = 0
-        try:
-            for batch in ctx.make_loader(picked, mode="train",
-                                         batch_size=int(self.options["fisher_batch_size"])):
-                with torch.enable_grad():
-                    logits = ctx.forward(batch).logits
-                    nll = sample_nll(logits, batch["labels"].to(logits.device))
-                    rows = [i for i in range(nll.shape[0]) if nll[i].requires_grad
-                            and bool((batch["labels"][i, 1:] != -100).any())]
-                    for j, i in enumerate(rows):
-                        grads = torch.autograd.grad(nll[i], tensors, allow_unused=True,
-                                                    retain_graph=j + 1 < len(rows))
-                        for k, g in zip(names, grads):
-                            if g is not None:
-                                fisher[k] += g.detach().float() ** 2
-                        counted += 1
-        finally:
-            model.train(was_training)
-        if counted:
-            for f in fisher.values():
-                f /= counted
+        picked = seeded_subset(ctx, list(stage.train_samples), self.options["fisher_samples"],
+                               "ewc", stage.name)
+        fisher = per_sample_importance(ctx, picked, params, self.options["fisher_batch_size"],
+                                       sample_nll)
         return {k: self._store(f) for k, f in fisher.items()}
 
     # ---- hooks -------------------------------------------------------------------------------

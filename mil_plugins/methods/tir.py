@@ -34,9 +34,10 @@ from __future__ import annotations
 import torch
 
 from mil_plugins.methods import descriptors as D
-from mil_plugins.methods._common import answer_mask, seeded_permutation
 from mil_plugins.methods.base import Method
-from mil_plugins.methods.ewc import EWC, sample_nll
+from mil_plugins.methods.ewc import EWC
+from mil_plugins.methods.importance import (ABSOLUTE, SQUARED, per_sample_importance,
+                                            sample_nll, sample_output_norm, seeded_subset)
 
 IMPORTANCE = ("fisher", "mas")
 DIRECTIONS = ("dissimilar", "similar", "none")
@@ -108,43 +109,12 @@ class TIR(EWC):
 
     # ---- importance --------------------------------------------------------------------------
     def _importance(self, ctx, stage, params: dict) -> dict[str, torch.Tensor]:
-        samples = list(stage.train_samples)
-        n = self.options["importance_samples"]
-        order = seeded_permutation(ctx, len(samples), "tir", stage.name)
-        picked = [samples[i] for i in (order if n is None else order[: int(n)])]
-        total = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-        names, tensors = list(params), list(params.values())
+        picked = seeded_subset(ctx, list(stage.train_samples),
+                               self.options["importance_samples"], "tir", stage.name)
         mas = self.options["importance"] == "mas"
-        model = ctx.model
-        was = model.training
-        model.eval()
-        counted = 0
-        try:
-            for batch in ctx.make_loader(picked, mode="train",
-                                         batch_size=int(self.options["importance_batch_size"])):
-                with torch.enable_grad():
-                    logits = ctx.forward(batch).logits
-                    labels = batch["labels"].to(logits.device)
-                    if mas:  # squared L2 norm of the output at the answer positions, per sample
-                        keep = answer_mask(labels).to(logits.dtype)
-                        sq = (logits[:, :-1].float() ** 2).sum(-1)
-                        per = (sq * keep).sum(1) / keep.sum(1).clamp(min=1)
-                    else:
-                        per = sample_nll(logits, labels)
-                    rows = [i for i in range(per.shape[0]) if per[i].requires_grad
-                            and bool((labels[i, 1:] != -100).any())]
-                    for j, i in enumerate(rows):
-                        grads = torch.autograd.grad(per[i], tensors, allow_unused=True,
-                                                    retain_graph=j + 1 < len(rows))
-                        for k, g in zip(names, grads):
-                            if g is not None:
-                                total[k] += g.detach().float().abs() if mas else g.detach().float() ** 2
-                        counted += 1
-        finally:
-            model.train(was)
-        if counted:
-            for t in total.values():
-                t /= counted
+        total = per_sample_importance(ctx, picked, params, self.options["importance_batch_size"],
+                                      sample_output_norm if mas else sample_nll,
+                                      ABSOLUTE if mas else SQUARED)
         return {k: self._store(t) for k, t in total.items()}
 
     # ---- hooks -------------------------------------------------------------------------------
