@@ -208,6 +208,30 @@ def test_a_live_run_holds_its_folder(tmp_path):
     RunFolder(tmp_path / "out").acquire()  # released: free again
 
 
+def test_claim_releases_the_folder_when_setup_fails_and_keeps_it_otherwise(tmp_path):
+    from mil_plugins.engine.rundir import RunFolder, RunFolderError
+
+    folder = RunFolder(tmp_path / "out")
+    with pytest.raises(KeyError):
+        with folder.claim():
+            raise KeyError("setup failed")
+    again = RunFolder(tmp_path / "out")
+    again.acquire()  # released by the failure: free again
+    again.release()
+    held = RunFolder(tmp_path / "other")
+    with held.claim():
+        pass
+    with pytest.raises(RunFolderError):
+        RunFolder(tmp_path / "other").acquire()  # still held after a successful setup
+    held.release()
+    idle = RunFolder(tmp_path / "rank1")
+    with idle.claim(main=False):  # another rank: nothing acquired
+        pass
+    free = RunFolder(tmp_path / "rank1")
+    free.acquire()
+    free.release()
+
+
 def test_a_live_run_in_another_process_holds_its_folder(bench, tmp_path, capsys):
     import subprocess
     import sys

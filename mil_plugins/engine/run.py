@@ -46,16 +46,8 @@ class Runner:
         self.out = Path(recipe["output"]["dir"])
         self.ckpt_root = self.out / "checkpoints"
         self.folder = RunFolder(self.out)
-        if self.dist.is_main:
-            removed = self.folder.acquire(resume=resume, overwrite=overwrite)
-            if removed:
-                print(f"[mil] removed {len(removed)} temporary file(s) a killed write left in "
-                      f"{self.out}")
-        try:
+        with self.folder.claim(resume=resume, overwrite=overwrite, main=self.dist.is_main):
             self._setup(resume, allow_changes)
-        except BaseException:
-            self.folder.release()
-            raise
 
     def _setup(self, resume: bool, allow_changes) -> None:
         recipe = self.recipe

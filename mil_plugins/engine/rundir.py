@@ -1,7 +1,8 @@
 """A run owns its output folder: a lock held by the live process, no silent mixing of two runs.
 
     folder = RunFolder(out)
-    folder.acquire(resume=..., overwrite=...)   # at start, on the main rank only
+    with folder.claim(resume=..., overwrite=..., main=is_main):   # acquire on the main rank ...
+        setup()                                 # ... and release again if the setup fails
     ...
     folder.release()                            # at exit (the OS releases it if the process dies)
 
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -99,6 +101,22 @@ class RunFolder:
             self.release()
             raise
         return removed
+
+    @contextlib.contextmanager
+    def claim(self, resume: bool = False, overwrite: bool = False, main: bool = True):
+        """``with folder.claim(...): setup()``: acquire the folder (on the main rank only, saying
+        what killed writes left behind) and release it again if the body raises; on success it
+        stays held until :meth:`release`."""
+        if main:
+            removed = self.acquire(resume=resume, overwrite=overwrite)
+            if removed:
+                print(f"[mil] removed {len(removed)} temporary file(s) a killed write left in "
+                      f"{self.out}")
+        try:
+            yield self
+        except BaseException:
+            self.release()
+            raise
 
     def _check_results(self, resume: bool, overwrite: bool) -> None:
         results = self.results()

@@ -82,12 +82,8 @@ class FederatedServer:
         self.out = Path(recipe["output"]["dir"])
         self.ckpt_root = self.out / "checkpoints"
         self.folder = RunFolder(self.out)
-        self.folder.acquire(resume=resume, overwrite=overwrite)
-        try:
+        with self.folder.claim(resume=resume, overwrite=overwrite):
             self._setup(resume, allow_changes)
-        except BaseException:
-            self.folder.release()
-            raise
 
     def _setup(self, resume: bool, allow_changes) -> None:
         recipe = self.recipe

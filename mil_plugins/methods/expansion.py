@@ -393,13 +393,18 @@ class Expansion(Method):
 
     def trainable(self, ctx, stage, names):
         key = stage_key(stage.index)
+        returning = bool(stage.modality) and (self.routes.get(stage_route(stage)) or [key])[0] != key
+        return self._branch_trainable(ctx, stage, names, key, returning)
+
+    def _branch_trainable(self, ctx, stage, names, branch: str, returning: bool) -> set[str]:
+        """The engine's trainable ``names`` with the shared base swapped for ``branch``'s adapters
+        (connector and/or LoRA; the base trains too in the first stage under ``train_base:
+        first_stage``). A ``returning`` modality's input layer is frozen by option: it also feeds
+        its earlier stages' adapters."""
         keep_base = self.options["train_base"] == "first_stage" and not ctx.seen
         all_names = [n for n, _ in ctx.model.named_parameters()]
         out = set(names)
-        route = stage_route(stage)
-        if (self.options["freeze_returning_inputs"] and stage.modality
-                and (self.routes.get(route) or [key])[0] != key):
-            # the modality returns: its input layer feeds its earlier stages' adapters too
+        if self.options["freeze_returning_inputs"] and returning:
             own = f"connector.input_layers.{stage.modality}."
             out = {n for n in out if not n.startswith(own)}
         if "connector" in self.targets:
@@ -407,14 +412,14 @@ class Expansion(Method):
             out = {n for n in out if not n.startswith(PREFIX)
                    and (keep_base or not n.startswith("connector.shared."))}
             if trains:
-                mine = f"{PREFIX}adapters.{key}."
+                mine = f"{PREFIX}adapters.{branch}."
                 out |= {n for n in all_names if n.startswith(mine)}
         if "lora" in self.targets:
             trains = any(_lora_adapter_of(n) is not None for n in names)
             out = {n for n in out if _lora_adapter_of(n) is None
                    or (keep_base and _lora_adapter_of(n) in self.base_adapters)}
             if trains:
-                out |= {n for n in all_names if _lora_adapter_of(n) == key}
+                out |= {n for n in all_names if _lora_adapter_of(n) == branch}
         return out
 
     def _modality_keys(self, ctx, batch: dict, modality: str) -> set[str]:

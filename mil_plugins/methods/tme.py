@@ -32,7 +32,7 @@ from collections import Counter
 
 
 from mil_plugins.methods import descriptors as D
-from mil_plugins.methods.expansion import PREFIX, Expansion, _lora_adapter_of, stage_key, stage_route
+from mil_plugins.methods.expansion import Expansion, stage_key, stage_route
 
 ACTIONS = ("add", "init", "reuse")
 
@@ -118,27 +118,8 @@ class TME(Expansion):
     # ---- trainable ---------------------------------------------------------------------------
     def trainable(self, ctx, stage, names):
         branch = self.assign.get(stage_key(stage.index), stage_key(stage.index))
-        keep_base = self.options["train_base"] == "first_stage" and not ctx.seen
-        all_names = [n for n, _ in ctx.model.named_parameters()]
-        out = set(names)
-        if (self.options["freeze_returning_inputs"] and stage.modality
-                and any(st.modality == stage.modality for st in ctx.seen)):
-            own = f"connector.input_layers.{stage.modality}."
-            out = {n for n in out if not n.startswith(own)}
-        if "connector" in self.targets:
-            trains = any(n.startswith("connector.shared.") for n in names)
-            out = {n for n in out if not n.startswith(PREFIX)
-                   and (keep_base or not n.startswith("connector.shared."))}
-            if trains:
-                mine = f"{PREFIX}adapters.{branch}."
-                out |= {n for n in all_names if n.startswith(mine)}
-        if "lora" in self.targets:
-            trains = any(_lora_adapter_of(n) is not None for n in names)
-            out = {n for n in out if _lora_adapter_of(n) is None
-                   or (keep_base and _lora_adapter_of(n) in self.base_adapters)}
-            if trains:
-                out |= {n for n in all_names if _lora_adapter_of(n) == branch}
-        return out
+        returning = bool(stage.modality) and any(st.modality == stage.modality for st in ctx.seen)
+        return self._branch_trainable(ctx, stage, names, branch, returning)
 
     # ---- routing -----------------------------------------------------------------------------
     def _choose(self, ctx, batch: dict) -> list[str] | None:
