@@ -2,7 +2,8 @@
 """Probe gap: what each frozen encoder carries vs what the MLLM learns from it.
 
     python bench/probe_gap.py recipes/quickstart.yaml [key=value ...] [--stages image,depth]
-                              [--out docs/probe-gap.md] [--json probe-gap.json] [--no-mllm]
+                              [--seeds 3] [--out docs/probe-gap.md] [--json probe-gap.json]
+                              [--no-mllm]
 
 For every stage of the recipe (any LLaVA-JSON data: the stage's ``train`` / ``test`` manifests),
 per task:
@@ -12,8 +13,10 @@ per task:
 * ``encoder probe``: a linear probe on the frozen encoder's token features, all tokens
   concatenated (the ceiling of what a connector can pass on);
 * ``MLLM alone``: the recipe's model trained on that stage alone (the recipe's warm-up, settings
-  and connector; method ``finetune``), scored by the recipe's evaluation;
-* ``ratio``: MLLM alone / encoder probe.
+  and connector; method ``finetune``), scored by the recipe's evaluation; with ``--seeds N``
+  trained once per ``train.seed`` 0..N-1 and shown as mean ± standard deviation;
+* ``ratio``: MLLM alone (its mean over seeds) / encoder probe; with several seeds also the
+  number of seeds whose own ratio is >= 0.9.
 
 Probes are multinomial logistic regressions, one per task, each distinct training answer a class,
 scored with the task's metric (see ``mil_plugins/probe.py``). Chance is the benchmark's where the
@@ -37,6 +40,7 @@ import torch  # noqa: E402
 
 from mil_plugins.probe import answer_of, pooled_raw, probe_tasks, render_probe_gap, vectors  # noqa: E402
 from mil_plugins.recipe import load_recipe  # noqa: E402
+from mil_plugins.stats import summarize  # noqa: E402
 
 
 def _chance(stage_modality: str, task: str, test_samples: list) -> float:
@@ -83,11 +87,14 @@ def probe_stages(recipe: dict, stage_names: list[str] | None, seed: int) -> dict
     return out
 
 
-def train_alone(recipe: dict, stage_name: str, run_dir: Path) -> dict:
-    """Per-task scores of the recipe's model trained on one stage alone (method finetune)."""
+def train_alone(recipe: dict, stage_name: str, run_dir: Path, seed: int | None = None) -> dict:
+    """Per-task scores of the recipe's model trained on one stage alone (method finetune), with
+    ``train.seed = seed`` when given."""
     from mil_plugins.engine.run import Runner
 
     r = copy.deepcopy(recipe)
+    if seed is not None:
+        r["train"]["seed"] = int(seed)
     r["stages"] = [s for s in r["stages"] if s["name"] == stage_name]
     r["methods"] = [{"name": "finetune", "options": {}}]
     r["eval"]["unseen"] = False
@@ -103,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.path=value recipe overrides")
     parser.add_argument("--stages", help="comma-separated stage names (default: all)")
     parser.add_argument("--no-mllm", action="store_true", help="probes only, no training")
+    parser.add_argument("--seeds", type=int, default=None, help="train the MLLM alone with "
+                        "train.seed 0..N-1 and show mean ± std (default: the recipe's seed, once)")
     parser.add_argument("--run-dir", default=None, help="where the one-stage runs go "
                         "(default: <recipe output.dir>-probe-gap)")
     parser.add_argument("--out", help="write the markdown table here")
@@ -122,10 +131,19 @@ def main(argv: list[str] | None = None) -> int:
               "stages": probe_stages(recipe, names, recipe["train"]["seed"])}
     if not args.no_mllm:
         run_dir = Path(args.run_dir or (recipe["output"]["dir"].rstrip("/") + "-probe-gap"))
+        seeds = list(range(args.seeds)) if args.seeds else [None]
         for stage, tasks in result["stages"].items():
-            scores = train_alone(recipe, stage, run_dir)
+            per_seed = [train_alone(recipe, stage, run_dir if s is None else run_dir / f"seed-{s}", s)
+                        for s in seeds]
             for task, v in tasks.items():
-                v["mllm"] = scores.get(task)
+                if seeds == [None]:
+                    v["mllm"] = per_seed[0].get(task)
+                    continue
+                values = [scores.get(task) for scores in per_seed]
+                summary = summarize(values)
+                v.update(mllm=summary["mean"], mllm_std=summary["std"], mllm_seeds=values)
+        if args.seeds:
+            result["seeds"] = seeds
     result["seconds"] = round(time.time() - t0, 1)
     result["command"] = " ".join(["python bench/probe_gap.py"] + (argv if argv is not None else sys.argv[1:]))
     text = render_probe_gap(result)

@@ -97,16 +97,28 @@ def vectors(samples: Sequence, featurize: Callable[[object], torch.Tensor]) -> l
 
 
 def render_probe_gap(result: dict) -> str:
-    """The markdown table of a ``bench/probe_gap.py`` results file."""
-    lines = ["| stage | task | chance | raw probe | encoder probe | MLLM alone | MLLM / probe |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    """The markdown table of a ``bench/probe_gap.py`` results file (``MLLM alone`` as mean ± std
+    over seeds, and how many seeds reach 0.9 of the probe, when it was trained with several)."""
+    several = bool(result.get("seeds"))
+    head = "| stage | task | chance | raw probe | encoder probe | MLLM alone | MLLM / probe |"
+    rule = "|---|---|---:|---:|---:|---:|---:|"
+    if several:
+        head, rule = head + " seeds >= 0.9 |", rule + "---:|"
+    lines = [head, rule]
     for stage, tasks in result["stages"].items():
         for task, v in tasks.items():
-            mllm = v.get("mllm")
-            ratio = f"{mllm / v['encoder']:.2f}" if mllm is not None and v["encoder"] else "—"
+            mllm, enc = v.get("mllm"), v["encoder"]
+            ratio = f"{mllm / enc:.2f}" if mllm is not None and enc else "—"
             raw = "—" if v.get("raw") is None else f"{v['raw']:.1f}"
-            lines.append(f"| {stage} | {task} | {v['chance']:.1f} | {raw} | {v['encoder']:.1f} | "
-                         f"{'—' if mllm is None else f'{mllm:.1f}'} | {ratio} |")
+            shown = "—" if mllm is None else f"{mllm:.1f}"
+            if several and v.get("mllm_std") is not None:
+                shown += f" ± {v['mllm_std']:.1f}"
+            row = f"| {stage} | {task} | {v['chance']:.1f} | {raw} | {enc:.1f} | {shown} | {ratio} |"
+            if several:
+                values = [x for x in v.get("mllm_seeds") or [] if x is not None]
+                reach = sum(1 for x in values if enc and x / enc >= 0.9)
+                row += f" {reach}/{len(values)} |"
+            lines.append(row)
     if result.get("command"):
         lines += ["", f"Produced by: `{result['command']}`"]
     return "\n".join(lines) + "\n"

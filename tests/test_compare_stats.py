@@ -165,3 +165,34 @@ def test_probe_gap_renders_its_results_file():
                                               "mllm": 95.0}}}, "command": "python bench/probe_gap.py x"}
     text = render_probe_gap(result)
     assert "| audio | pitch | 50.0 | 90.0 | 100.0 | 95.0 | 0.95 |" in text
+    # over seeds: mean ± std, the ratio of the mean, and how many seeds reach 0.9 of the probe
+    result["seeds"] = [0, 1, 2]
+    result["stages"]["audio"]["pitch"].update(mllm=90.0, mllm_std=5.0, mllm_seeds=[85.0, 90.0, 95.0])
+    text = render_probe_gap(result)
+    assert "| audio | pitch | 50.0 | 90.0 | 100.0 | 90.0 ± 5.0 | 0.90 | 2/3 |" in text
+
+
+@pytest.mark.slow
+def test_probe_gap_bench_trains_the_mllm_alone_once_per_seed(tmp_path):
+    """bench/probe_gap.py --seeds 2 at tiny scale: one run folder per seed, mean ± std in the
+    results file, and a table with the seeds column."""
+    from _tiny_run import tiny_args
+
+    out = tmp_path / "run"
+    args = tiny_args(tmp_path / "data", out, stages=1)
+    rc = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_gap.py"), *args,
+                         "--seeds", "2", "--json", str(tmp_path / "gap.json"),
+                         "--out", str(tmp_path / "gap.md")], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    result = json.loads((tmp_path / "gap.json").read_text())
+    assert result["seeds"] == [0, 1]
+    (stage, tasks), = result["stages"].items()
+    for v in tasks.values():
+        assert len(v["mllm_seeds"]) == 2
+        assert v["mllm"] == pytest.approx(float(np.mean(v["mllm_seeds"])))
+    for seed in (0, 1):
+        metrics = json.loads((tmp_path / "run-probe-gap" / f"seed-{seed}" / f"alone-{stage}" /
+                              "metrics.json").read_text())
+        assert metrics["completed_stages"] == 1
+    assert "seeds >= 0.9" in (tmp_path / "gap.md").read_text()
