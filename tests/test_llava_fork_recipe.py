@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from _llava_fixtures import save_tiny_clip_tower, tiny_llava_llama
+from _tiny_run import adopt_llava_command
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -39,13 +40,7 @@ def test_llava_dir_recipe_audio_stage_and_export_back(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "MIL_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "train.py"), str(ROOT / "recipes" / "quickstart.yaml"),
-         f"data.root={data}", "data.generate=null", "encoder_pretraining=null", f"output.dir={out}", "output.tensorboard=false",
-         f"model.llm={{llava: {llava_dir}}}", "model.tokenizer={build_from_data: false}",
-         "model.connector={mode: per_modality, projector_type: mlp2x_gelu}",
-         "modalities={image: {}, audio: {}}", "warmup=null", "train.max_steps=2",
-         "stages=[{name: image, modality: image, train: image/train.json, test: image/test.json},"
-         " {name: audio, modality: audio, train: audio/train.json, test: audio/test.json}]"],
+        adopt_llava_command(data, llava_dir, out),
         cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((out / "metrics.json").read_text())["stages"] == ["image", "audio"]
