@@ -40,6 +40,8 @@ def test_a_finished_run_of_the_same_recipe_is_reused(compare_tool, tmp_path):
     saved = resolved(out)
     # what encoder pretraining writes into the run's own recipe is not a change
     saved["modalities"]["image"]["encoder_weights"] = "data/x/encoders/image-0.safetensors"
+    assert saved["modalities"]["video"] == {}  # a modality with no options of its own
+    saved["modalities"]["video"]["encoder_weights"] = "data/x/encoders/video-0.safetensors"
     finished_run(out, saved)
     assert module.run_one(RECIPE, [], 0, out, rerun=False) == out
     assert calls == []

@@ -54,9 +54,12 @@ def stale_reason(out: Path, loaded: dict) -> str | None:
     saved = out / "checkpoints" / "last" / "recipe.json"
     if not saved.is_file():
         return "its recipe was not saved, so it cannot be told apart from another recipe's run"
-    added = loaded.get("encoder_pretraining") is not None
-    changes = [(k, v) for k, v in recipe_changes(json.loads(saved.read_text()), loaded)
-               if not (added and k.endswith(".encoder_weights") and v.endswith("-> (absent)"))]
+    old = json.loads(saved.read_text())
+    if loaded.get("encoder_pretraining") is not None:
+        for options in (old.get("modalities") or {}).values():
+            if isinstance(options, dict):
+                options.pop("encoder_weights", None)
+    changes = recipe_changes(old, loaded)
     if not changes:
         return None
     listing = "; ".join(f"{k}: {v}" for k, v in changes[:5])
