@@ -48,7 +48,7 @@ def routing(checkpoint: Path, batch_size: int = 32) -> dict:
             chosen.update(tme.last_choice or [])
         n = sum(chosen.values())
         own = tme.assign[key]
-        out["stages"][st["name"]] = {"branch": own, "n": n, "choices": dict(chosen),
+        out["stages"][st["name"]] = {"key": key, "branch": own, "n": n, "choices": dict(chosen),
                                      "own_share": (chosen[own] / n) if n else None}
     return out
 
@@ -60,12 +60,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args(argv)
     result = routing(args.checkpoint, args.batch_size)
-    print("| stage | its branch | test inputs | routed to own branch | choices |")
-    print("|---|---|---:|---:|---|")
-    for name, row in result["stages"].items():
-        share = "—" if row["own_share"] is None else f"{100 * row['own_share']:.1f}%"
-        choices = ", ".join(f"{k}: {v}" for k, v in sorted(row["choices"].items()))
-        print(f"| {name} | {row['branch']} | {row['n']} | {share} | {choices} |")
+    result["command"] = " ".join(["python bench/tme_routing.py"] +
+                                 (argv if argv is not None else sys.argv[1:]))
+    from mil_plugins.compare import render_tme_routing
+
+    print(render_tme_routing(result), end="")
     if args.json:
         from mil_plugins.atomic import atomic_write_json
 

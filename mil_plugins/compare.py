@@ -277,7 +277,26 @@ def render_federated(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + f"\n\nOver {n} seeds.\n"
 
 
-VIEWS = {"federated": render_federated, "summary": render_summary, "brief": render_brief, "tasks": render_tasks, "probe_gap": _probe_gap}
+def render_tme_routing(result: Mapping[str, Any]) -> str:
+    """The table of a ``bench/tme_routing.py`` results file: per stage, TME's decision for it and
+    the share of its test inputs routed (from the input alone) to the branch it trained."""
+    lines = ["| stage | decision (source, similarity) | its branch | test inputs | routed to own "
+             "branch | choices |", "|---|---|---|---:|---:|---|"]
+    decisions = result.get("decisions") or {}
+    for name, row in result["stages"].items():
+        d = decisions.get(row.get("key"))
+        how = "—" if not d else (d["action"] if d.get("source") is None else
+                                 f"{d['action']} ({d['source']}, {d['similarity']:.2f})")
+        share = "—" if row["own_share"] is None else f"{100 * row['own_share']:.1f}%"
+        choices = ", ".join(f"{k}: {v}" for k, v in sorted(row["choices"].items()))
+        lines.append(f"| {name} | {how} | {row['branch']} | {row['n']} | {share} | {choices} |")
+    if result.get("command"):
+        lines += ["", f"Produced by: `{result['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+VIEWS = {"federated": render_federated, "summary": render_summary, "brief": render_brief,
+         "tasks": render_tasks, "probe_gap": _probe_gap, "tme_routing": render_tme_routing}
 
 
 def render_view(result: Mapping[str, Any], view: str | None) -> str:

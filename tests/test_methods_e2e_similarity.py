@@ -33,3 +33,10 @@ def test_tme_routes_each_stages_test_inputs_to_its_own_branch(data_root, tmp_pat
     assert len(result["stages"]) == 2
     for name, row in result["stages"].items():
         assert row["n"] > 0 and row["own_share"] == 1.0, (name, row)
+    # the docs' table of it: each stage's decision beside where its inputs went
+    from mil_plugins.compare import render_view
+
+    table = render_view(result, "tme_routing")
+    first, second = result["stages"]
+    assert f"| {first} | add | stage0 |" in table
+    assert f"| {second} | " in table and "100.0%" in table
