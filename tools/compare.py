@@ -10,8 +10,8 @@ Each (recipe, seed) runs as ``python tools/train.py RECIPE [overrides] train.see
 output.dir=RUNS_ROOT/LABEL/seed-S`` in its own process; a run whose ``metrics.json`` already
 covers every stage and whose saved recipe is the one given now is not run again (``--rerun``
 forces it; a finished run of another recipe, e.g. from before a default changed, is re-run).
-``key=value`` arguments after a recipe apply to that recipe only; ``--override`` applies to all. The label of a recipe is its
-file name without ``.yaml`` (or ``--label``). Printed: per method, each metric as mean ± std over
+``key=value`` arguments after a recipe apply to that recipe only; ``--override`` applies to all.
+The label of a recipe is its file name without ``.yaml`` (or ``--label``). Printed: per method, each metric as mean ± std over
 seeds with its 95% t-interval, paired differences to ``--reference`` (default finetune) with
 their intervals, and per-task scores beside each task's chance level. ``--json`` writes the
 numbers; ``--update-docs DOC`` re-renders the results blocks of DOC from their results files.

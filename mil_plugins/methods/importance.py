@@ -19,7 +19,8 @@ from mil_plugins.methods._common import answer_mask, seeded_permutation
 
 def sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``[B]``: each sample's negative log-likelihood summed over its answer tokens (causal
-    shift; labels -100 ignored), so a long answer counts as the sum of its tokens, not their mean."""
+    shift; labels -100 ignored), so a long answer counts as the sum of its tokens, not their
+    mean."""
     shifted = logits[:, :-1].float()
     target = labels[:, 1:]
     nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1),
@@ -46,9 +47,11 @@ def seeded_subset(ctx, samples: list, n: int | None, *salt) -> list:
     return [samples[i] for i in (order if n is None else order[: int(n)])]
 
 
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def per_sample_importance(ctx, samples: list, params: dict[str, torch.nn.Parameter],
-                          batch_size: int,
-                          objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = sample_nll,
+                          batch_size: int, objective: Objective = sample_nll,
                           accumulate: Callable[[torch.Tensor], torch.Tensor] = SQUARED,
                           ) -> dict[str, torch.Tensor]:
     """``{name: mean over samples of accumulate(d objective_i / d param)}`` in float32.
