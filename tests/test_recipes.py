@@ -85,6 +85,25 @@ def test_extends_and_overrides(tmp_path):
         load_recipe(child, ["stages.3.epochs=1"])
 
 
+def test_replace_marker_swaps_a_mapping_instead_of_merging(tmp_path):
+    write(tmp_path, BASE + "encoder_pretraining: {data: {root: pre}, steps: 9, "
+                           "steps_by_modality: {image: 4, depth: 3}}\n", "base.yaml")
+    merged = write(tmp_path, "extends: base.yaml\n"
+                             "encoder_pretraining: {steps_by_modality: {image: 1}}\n", "merged.yaml")
+    replaced = write(tmp_path, "extends: base.yaml\nencoder_pretraining: "
+                               "{steps_by_modality: {_replace_: true, image: 1}}\n", "replaced.yaml")
+    assert load_recipe(merged)["encoder_pretraining"]["steps_by_modality"] == {"image": 1, "depth": 3}
+    pretraining = load_recipe(replaced)["encoder_pretraining"]
+    assert pretraining["steps_by_modality"] == {"image": 1}  # depth gone, no marker left
+    assert pretraining["steps"] == 9 and pretraining["data"]["root"] == "pre"  # the rest merged
+    # a marker in a recipe that extends nothing, or under a key the parent lacks, is just dropped
+    root = write(tmp_path, BASE + "train: {_replace_: true, epochs: 2}\n", "root.yaml")
+    assert load_recipe(root)["train"]["epochs"] == 2
+    fresh = write(tmp_path, "extends: base.yaml\nwarmup: {_replace_: false, train: t.json}\n",
+                  "fresh.yaml")
+    assert "_replace_" not in load_recipe(fresh)["warmup"]
+
+
 def test_circular_extends(tmp_path):
     write(tmp_path, "extends: b.yaml\n", "a.yaml")
     write(tmp_path, "extends: a.yaml\n", "b.yaml")

@@ -54,15 +54,34 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+REPLACE = "_replace_"
+
+
 def deep_merge(base: dict, over: dict) -> dict:
-    """``over`` wins; mappings merge recursively, everything else (lists too) is replaced."""
+    """``over`` wins; mappings merge recursively, everything else (lists too) is replaced. A
+    mapping of ``over`` holding ``_replace_: true`` replaces the base's mapping whole instead of
+    merging into it (as OpenMMLab configs' ``_delete_``): ``steps_by_modality: {_replace_: true,
+    image: 1000}`` drops the keys the parent set for other modalities."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if key == REPLACE:
+            continue
+        replace = isinstance(value, dict) and value.get(REPLACE) is True
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not replace:
             out[key] = deep_merge(out[key], value)
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = _without_replace(value)
     return out
+
+
+def _without_replace(value: Any) -> Any:
+    """``value`` with every ``_replace_`` marker removed (a recipe that extends nothing may carry
+    them too; they never reach validation or the saved recipe)."""
+    if isinstance(value, dict):
+        return {k: _without_replace(v) for k, v in value.items() if k != REPLACE}
+    if isinstance(value, list):
+        return [_without_replace(v) for v in value]
+    return copy.deepcopy(value)
 
 
 def read_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
@@ -72,7 +91,7 @@ def read_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     data = canonical_names(_read_yaml(path), path)  # HF TrainingArguments names -> ours
     parent = data.pop("extends", None)
     if parent is None:
-        return data
+        return _without_replace(data)
     if not isinstance(parent, str):
         raise RecipeError(path, "extends", "must be a path (relative to this file)")
     return deep_merge(read_with_extends(path.parent / parent, _seen + (path,)), data)
