@@ -89,7 +89,9 @@ def probe_stages(recipe: dict, stage_names: list[str] | None, seed: int) -> dict
 
 def train_alone(recipe: dict, stage_name: str, run_dir: Path, seed: int | None = None) -> dict:
     """Per-task scores of the recipe's model trained on one stage alone (method finetune), with
-    ``train.seed = seed`` when given."""
+    ``train.seed = seed`` when given; a finished run of the same recipe in ``run_dir`` is read,
+    not trained again (another recipe's is replaced)."""
+    from mil_plugins.engine.resume import finished_run
     from mil_plugins.engine.run import Runner
 
     r = copy.deepcopy(recipe)
@@ -99,8 +101,15 @@ def train_alone(recipe: dict, stage_name: str, run_dir: Path, seed: int | None =
     r["methods"] = [{"name": "finetune", "options": {}}]
     r["eval"]["unseen"] = False
     r["eval"]["baseline"] = False
-    r["output"]["dir"] = str(run_dir / f"alone-{stage_name}")
-    metrics = Runner(r).run()
+    out = run_dir / f"alone-{stage_name}"
+    r["output"]["dir"] = str(out)
+    done, changed = finished_run(out, r)
+    if done:  # the same one-stage run finished before (another table, an interrupted bench)
+        print(f"[probe-gap] {out}: done before with this recipe, not re-run", flush=True)
+        return json.loads((out / "metrics.json").read_text())["per_task"][stage_name]
+    if changed:
+        print(f"[probe-gap] {out}: finished, but {changed}; running it again", flush=True)
+    metrics = Runner(r, overwrite=True).run()
     return metrics["per_task"][stage_name]
 
 

@@ -49,6 +49,21 @@ def test_a_finished_run_of_the_same_recipe_is_reused(compare_tool, tmp_path):
     assert len(calls) == 1
 
 
+def test_a_run_saved_before_a_null_default_key_existed_is_reused(compare_tool, tmp_path):
+    """A key added to the schema later with a null default (train.data_seed) is no change."""
+    module, calls = compare_tool
+    out = tmp_path / "finetune" / "seed-0"
+    saved = resolved(out)
+    assert saved["train"]["data_seed"] is None
+    del saved["train"]["data_seed"]
+    finished_run(out, saved)
+    assert module.run_one(RECIPE, [], 0, out, rerun=False) == out and calls == []
+    # a value that is not null is a change
+    finished_run(tmp_path / "other", resolved(tmp_path / "other", "train.data_seed=3"))
+    module.run_one(RECIPE, [], 0, tmp_path / "other", rerun=False)
+    assert len(calls) == 1
+
+
 def test_a_finished_run_of_another_recipe_is_run_again(compare_tool, tmp_path, capsys):
     module, calls = compare_tool
     out = tmp_path / "finetune" / "seed-0"

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mil_plugins.compare import aggregate, render, update_doc  # noqa: E402
+from mil_plugins.engine.resume import finished_run  # noqa: E402
 from mil_plugins.recipe import load_recipe  # noqa: E402
 
 
@@ -45,39 +46,15 @@ def split_recipes(items: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def stale_reason(out: Path, loaded: dict) -> str | None:
-    """Why the finished run in ``out`` is not a run of ``loaded`` (None when it is): its saved
-    recipe (``checkpoints/last/recipe.json``, stage runs and federated runs alike) must equal the
-    recipe given now, leaf by leaf. The one key a run adds itself is not a change: the
-    ``encoder_weights`` that ``encoder_pretraining`` writes into each modality's options."""
-    from mil_plugins.engine.resume import recipe_changes
-    saved = out / "checkpoints" / "last" / "recipe.json"
-    if not saved.is_file():
-        return "its recipe was not saved, so it cannot be told apart from another recipe's run"
-    old = json.loads(saved.read_text())
-    if loaded.get("encoder_pretraining") is not None:
-        for options in (old.get("modalities") or {}).values():
-            if isinstance(options, dict):
-                options.pop("encoder_weights", None)
-    changes = recipe_changes(old, loaded)
-    if not changes:
-        return None
-    listing = "; ".join(f"{k}: {v}" for k, v in changes[:5])
-    more = f" (and {len(changes) - 5} more)" if len(changes) > 5 else ""
-    return f"its recipe differs from this one ({listing}{more})"
-
-
 def run_one(recipe: str, overrides: list[str], seed: int, out: Path, rerun: bool) -> Path:
     full = [*overrides, f"train.seed={seed}", f"output.dir={out}"]
     loaded = load_recipe(recipe, full)  # validate before starting anything
-    metrics = out / "metrics.json"
-    if not rerun and metrics.exists():
-        expected = loaded["federated"]["rounds"] if loaded.get("federated") else len(loaded["stages"])
-        if json.loads(metrics.read_text()).get("completed_stages") == expected:
-            changed = stale_reason(out, loaded)
-            if changed is None:
-                print(f"[compare] {out}: done before with this recipe, not re-run", flush=True)
-                return out
+    if not rerun:
+        done, changed = finished_run(out, loaded)
+        if done:
+            print(f"[compare] {out}: done before with this recipe, not re-run", flush=True)
+            return out
+        if changed:
             print(f"[compare] {out}: finished, but {changed}; running it again", flush=True)
     print(f"[compare] running {recipe} seed {seed} -> {out}", flush=True)
     # a folder holding an unfinished run (killed) is started again from scratch

@@ -11,7 +11,9 @@ tokenizer is not compared but loaded from the checkpoint (never rebuilt from the
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import json
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,9 @@ def _short(value: Any) -> str:
 
 
 def recipe_changes(old: dict, new: dict) -> list[tuple[str, str]]:
-    """``(key, "old -> new")`` for every differing leaf of two resolved recipes."""
+    """``(key, "old -> new")`` for every differing leaf of two resolved recipes. A key that one
+    recipe lacks and the other holds as null is no change: a key added to the schema later with a
+    null default (``train.data_seed``) keeps the runs saved before it reusable and resumable."""
     a: dict[str, Any] = {}
     b: dict[str, Any] = {}
     _flatten(old, "", a)
@@ -92,6 +96,8 @@ def recipe_changes(old: dict, new: dict) -> list[tuple[str, str]]:
         if key in IGNORED:
             continue
         va, vb = a.get(key, missing), b.get(key, missing)
+        if (va is missing and vb is None) or (va is None and vb is missing):
+            continue
         if va != vb:
             shown_a = "(absent)" if va is missing else _short(va)
             shown_b = "(absent)" if vb is missing else _short(vb)
@@ -140,3 +146,38 @@ def check_resume(checkpoint: Path, old_recipe: dict, new_recipe: dict, old_data:
                           f"checkpoint was written: {listing}{hint}; resume with the same recipe "
                           f"and data, or start a fresh run (--overwrite or another output.dir)")
     return [k for k, _ in changes]
+
+
+def finished_run(out: Path, recipe: dict) -> tuple[bool, str | None]:
+    """Whether the run folder ``out`` holds a finished run of ``recipe`` (resolved): ``(True,
+    None)`` when it may be reused as it is, ``(False, why)`` for a finished run of another recipe,
+    ``(False, None)`` when nothing finished is there. Finished: ``metrics.json`` covers every stage
+    (a federated run: every round). Of this recipe: its saved ``checkpoints/last/recipe.json``
+    equals ``recipe`` leaf by leaf, but for the keys no run compares (:data:`IGNORED`) and the one
+    key a run adds itself, the ``encoder_weights`` that ``encoder_pretraining`` writes into each
+    modality's options. ``tools/compare.py`` and ``bench/probe_gap.py`` reuse runs through it."""
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        return False, None
+    expected = recipe["federated"]["rounds"] if recipe.get("federated") else len(recipe["stages"])
+    try:
+        completed = json.loads(metrics.read_text()).get("completed_stages")
+    except (OSError, ValueError):
+        return False, None
+    if completed != expected:
+        return False, None
+    saved = out / "checkpoints" / "last" / "recipe.json"
+    if not saved.is_file():
+        return False, "its recipe was not saved, so it cannot be told apart from another recipe's run"
+    old, new = json.loads(saved.read_text()), copy.deepcopy(recipe)
+    if recipe.get("encoder_pretraining") is not None:  # given before or after pretraining ran
+        for r in (old, new):
+            for options in (r.get("modalities") or {}).values():
+                if isinstance(options, dict):
+                    options.pop("encoder_weights", None)
+    changes = recipe_changes(old, new)
+    if not changes:
+        return True, None
+    listing = "; ".join(f"{k}: {v}" for k, v in changes[:5])
+    more = f" (and {len(changes) - 5} more)" if len(changes) > 5 else ""
+    return False, f"its recipe differs from this one ({listing}{more})"
