@@ -91,3 +91,33 @@ def test_fp16_needs_cuda():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="CUDA"):
         PlainBackend(model, opt, make_scheduler(opt, {"scheduler": "constant"}, 1), 1, 1.0, "fp16")
+
+
+def test_data_seed_sets_the_batch_order_apart_from_the_seed(tmp_path, monkeypatch):
+    """``train.data_seed`` (HF's name) seeds the training batches' order; ``train.seed`` then only
+    the rest (initialisation, the methods' draws). Unset, the order follows ``train.seed``."""
+    from _tiny_run import tiny_args
+
+    import mil_plugins.engine.loop as loop
+    from mil_plugins.engine.run import Runner
+    from mil_plugins.recipe import load_recipe
+
+    seen: list[int] = []
+    real = loop.epoch_order
+
+    def recording(n, seed, *args, **kwargs):
+        seen.append(seed)
+        return real(n, seed, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "epoch_order", recording)
+
+    def order_seeds(*extra: str) -> set[int]:
+        seen.clear()
+        args = tiny_args(tmp_path / "data", tmp_path / f"run{len(list(tmp_path.glob('run*')))}",
+                         "warmup=null", *extra, stages=1)
+        Runner(load_recipe(args[0], args[1:])).run()
+        return set(seen)
+
+    assert order_seeds("train.seed=3") == {3}
+    assert order_seeds("train.seed=3", "train.data_seed=7") == {7}
+    assert order_seeds("train.seed=4", "train.data_seed=7") == {7}

@@ -1,8 +1,9 @@
 """The one training loop, for a single process and for DeepSpeed alike.
 
-Data order is a pure function of (seed, stage, epoch): every epoch is a seeded permutation cut into
-global batches (padded by wrapping so that every rank takes the same number of steps); rank ``r``
-takes its slice of each global batch. So a 2-process DeepSpeed run sees the same global batches as a
+Data order is a pure function of (seed, stage, epoch), the seed being ``train.data_seed`` when set
+(HF's name; else ``train.seed``): every epoch is a seeded permutation cut into global batches
+(padded by wrapping so that every rank takes the same number of steps); rank ``r`` takes its slice
+of each global batch. So a 2-process DeepSpeed run sees the same global batches as a
 single process, and a resumed run picks up exactly where the killed one stopped.
 
 The loss of a step is the token mean over the *global* batch: every micro-batch's summed
@@ -207,8 +208,10 @@ def train_stage(*, ctx, plan: StagePlan, methods: list, dataset, collate: Callab
     bar = tqdm(total=total, initial=start_step, desc=f"train {plan.key}", disable=not dist.is_main,
                mininterval=1.0, leave=False, dynamic_ncols=True)
     epoch = start_step // steps_per_epoch
+    data_seed = train_cfg.get("data_seed")  # .get: recipes saved before the key
+    order_seed = train_cfg["seed"] if data_seed is None else data_seed
     while step < total:
-        batches = epoch_order(n, train_cfg["seed"], plan.index, epoch, global_batch)
+        batches = epoch_order(n, order_seed, plan.index, epoch, global_batch)
         first = step - epoch * steps_per_epoch
         steps_here = range(first, min(steps_per_epoch, first + total - step))
         micro_lists = {k: rank_micro_batches(batches[k], dist.rank, world, accum) for k in steps_here}

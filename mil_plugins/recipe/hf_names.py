@@ -32,7 +32,7 @@ ALIASES: dict[tuple[str, str], tuple[str, str]] = {
 HF_SAME_NAME: tuple[tuple[str, str], ...] = (
     ("train", "per_device_train_batch_size"), ("train", "warmup_ratio"), ("train", "warmup_steps"),
     ("train", "lr_scheduler_kwargs"), ("train", "weight_decay"), ("train", "max_grad_norm"),
-    ("train", "max_steps"), ("train", "seed"), ("train", "deepspeed"),
+    ("train", "max_steps"), ("train", "seed"), ("train", "data_seed"), ("train", "deepspeed"),
     ("train", "gradient_checkpointing"), ("train", "dataloader_num_workers"),
     ("output", "report_to"),
 )

@@ -129,6 +129,7 @@ METHOD = {
 
 TRAIN = {
     "seed": (int, 0),
+    "data_seed": (Optional(int), None),      # HF: the training batches' order (default: seed)
     "batch_size": (int, 16),                 # global batch (all ranks x accumulation)
     "per_device_train_batch_size": (Optional(int), None),  # HF: micro batch per rank; when set,
                                              # the global batch is it x world size x grad_accum
@@ -272,6 +273,7 @@ RANGES = {
     ("stages", "*", "lr"): NON_NEGATIVE,
     ("stages", "*", "mm_projector_lr"): NON_NEGATIVE,
     ("train", "seed"): NON_NEGATIVE,
+    ("train", "data_seed"): NON_NEGATIVE,
     ("train", "batch_size"): AT_LEAST_1,
     ("train", "grad_accum"): AT_LEAST_1,
     ("train", "epochs"): POSITIVE,
