@@ -295,7 +295,32 @@ def render_tme_routing(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-VIEWS = {"federated": render_federated, "summary": render_summary, "brief": render_brief,
+def _minutes(seconds: float) -> str:
+    whole = int(round(seconds))
+    return f"{whole // 60} min {whole % 60} s" if whole >= 60 else f"{whole} s"
+
+
+def render_fresh_run(result: Mapping[str, Any]) -> str:
+    """``bench/fresh_run.py``'s measurement as one paragraph: the wall time of a run from nothing,
+    how it splits, and the machine it was measured on."""
+    m = result["machine"]
+    pre = result.get("encoder_pretraining_seconds") or {}
+    parts = []
+    if pre:
+        parts.append(f"encoder pretraining {sum(pre.values()):.0f} s of work over "
+                     f"{result.get('encoder_pretraining_workers', 1)} worker(s) "
+                     f"({', '.join(f'{k} {v:.0f}' for k, v in pre.items())})")
+    parts.append(f"the stages {sum(result['stage_seconds']):.0f} s")
+    text = (f"A fresh run of `{result['recipe']}` (data generation, encoder pretraining and every "
+            f"stage, nothing cached) took {_minutes(result['wall_seconds'])} on "
+            f"{m['cores']} CPU cores (load average {m['load_average_before']} before it started): "
+            + "; ".join(parts) + f"; final average accuracy {result['final_average_accuracy']:.1f}.\n")
+    if result.get("command"):
+        text += f"Produced by: `{result['command']}`\n"
+    return text
+
+
+VIEWS = {"fresh_run": render_fresh_run, "federated": render_federated, "summary": render_summary, "brief": render_brief,
          "tasks": render_tasks, "probe_gap": _probe_gap, "tme_routing": render_tme_routing}
 
 

@@ -196,3 +196,35 @@ def test_probe_gap_bench_trains_the_mllm_alone_once_per_seed(tmp_path):
                               "metrics.json").read_text())
         assert metrics["completed_stages"] == 1
     assert "seeds >= 0.9" in (tmp_path / "gap.md").read_text()
+    # run again: the finished one-stage runs of the same recipe are read back, not trained again
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_gap.py"), *args,
+                            "--seeds", "2", "--json", str(tmp_path / "gap2.json")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done before with this recipe, not re-run") == 2
+    reread = json.loads((tmp_path / "gap2.json").read_text())
+    assert reread["stages"] == result["stages"]
+
+
+@pytest.mark.slow
+def test_fresh_run_times_a_recipe_from_nothing(tmp_path):
+    """bench/fresh_run.py at tiny scale: everything generated into a temporary folder (no data or
+    encoders found from before), the split of the time recorded, and the docs view renders it."""
+    from _tiny_run import tiny_args
+
+    from mil_plugins.compare import render_view
+
+    args = [a for a in tiny_args(tmp_path / "unused", tmp_path / "unused-run", stages=1)
+            if a != "encoder_pretraining=null"]
+    args += ["encoder_pretraining.data.generate.size=tiny", "encoder_pretraining.steps=2",
+             "encoder_pretraining.steps_by_modality={}", "encoder_pretraining.workers=1"]
+    out = tmp_path / "fresh.json"
+    rc = subprocess.run([sys.executable, str(ROOT / "bench" / "fresh_run.py"), *args, "--json",
+                         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["encoder_pretraining_seconds"]) == {"image"}  # pretrained here, not found
+    assert len(result["stage_seconds"]) == 1 and result["wall_seconds"] > sum(result["stage_seconds"])
+    assert not (tmp_path / "unused").exists() and not (tmp_path / "unused-run").exists()
+    text = render_view(result, "fresh_run")
+    assert text.startswith(f"A fresh run of `{args[0]}`") and "Produced by: `python bench/fresh_run.py" in text
