@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 MODALITY_NAMES = ("image", "video", "audio", "depth", "point")
 
-#: pretraining steps at test scale (the quickstart: 500, image 1000, point 400, on the full set)
+#: pretraining steps at test scale (the quickstart: 1500, image 4000, depth 3000, point 400, on
+#: the full set)
 STEPS = 100
 STEPS_BY_MODALITY = {"image": 600, "point": 80}
 #: a probe on the encoder may sit this far below the raw probe on a task both read equally well
@@ -48,9 +49,9 @@ CLEAR = 8.0
 #: caption/shape win by 15-40 points; image, video and depth tie raw input on every task (image
 #: shape 40.3 vs 39.6, video shape 44.4 vs 45.8, depth caption 59.9 vs 57.6; colour, direction,
 #: distance and side are read perfectly by both). Their wins need the quickstart's pretraining
-#: (500-1000 steps on the `full` set, 3024 samples a modality): image shape 50 vs 40, video shape
-#: 65 vs 48, depth caption 64 vs 60 in docs/probe-gap.md (bench/probe_gap.py), minutes a modality,
-#: too slow for this suite. Here they must keep what raw input carries.
+#: (1500-4000 steps on the `full` set, 3024 samples a modality): image shape 92 vs 40, video shape
+#: 87 vs 48, depth caption 82 vs 60 in docs/probe-gap.md (bench/probe_gap.py), a minute or more a
+#: modality, too slow for this suite. Here they must keep what raw input carries.
 WINS_AT_TEST_SCALE = {"audio", "point"}
 
 
