@@ -320,8 +320,9 @@ def render_fresh_run(result: Mapping[str, Any]) -> str:
     return text
 
 
-VIEWS = {"fresh_run": render_fresh_run, "federated": render_federated, "summary": render_summary, "brief": render_brief,
-         "tasks": render_tasks, "probe_gap": _probe_gap, "tme_routing": render_tme_routing}
+VIEWS = {"federated": render_federated, "summary": render_summary, "brief": render_brief,
+         "tasks": render_tasks, "probe_gap": _probe_gap, "tme_routing": render_tme_routing,
+         "fresh_run": render_fresh_run}
 
 
 def render_view(result: Mapping[str, Any], view: str | None) -> str:

@@ -3,8 +3,8 @@
 Data order is a pure function of (seed, stage, epoch), the seed being ``train.data_seed`` when set
 (HF's name; else ``train.seed``): every epoch is a seeded permutation cut into global batches
 (padded by wrapping so that every rank takes the same number of steps); rank ``r`` takes its slice
-of each global batch. So a 2-process DeepSpeed run sees the same global batches as a
-single process, and a resumed run picks up exactly where the killed one stopped.
+of each global batch. So a 2-process DeepSpeed run sees the same global batches as a single
+process, and a resumed run picks up exactly where the killed one stopped.
 
 The loss of a step is the token mean over the *global* batch: every micro-batch's summed
 cross-entropy is divided by the number of answer tokens in the whole global batch (counted on
