@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,38 @@ def sh(cmd, cwd, timeout=600, env=None):
                           timeout=timeout, env=env or clean_env())
     assert proc.returncode == 0, f"{cmd}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     return proc.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_ranks(python: Path, command: list, cwd: Path, env: dict, timeout: int = 300) -> None:
+    """``command`` on 2 CPU ranks through the deepspeed launcher. Once in the full suite, a launch
+    hung before either rank reached its output folder (the gloo rendezvous; the same launch passes
+    in under a minute alone): such a hang is killed with every rank it started, its output is
+    printed, and the launch is tried once more on a fresh port. A second hang, or any failure,
+    fails the test."""
+    tails = []
+    for attempt in range(2):
+        proc = subprocess.Popen([str(c) for c in [python, "-m", "deepspeed.launcher.runner",
+                                                  "--num_gpus", "2", "--master_port", free_port(),
+                                                  *command]],
+                                cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+            out, _ = proc.communicate()
+            tails.append(out[-3000:])
+            print(f"[test_wheel] launch {attempt + 1} hung for {timeout} s; its output:\n{tails[-1]}")
+            continue
+        assert proc.returncode == 0, f"{command}\n{out[-6000:]}"
+        return
+    pytest.fail("the 2-rank launch hung twice:\n" + "\n---\n".join(tails))
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +118,15 @@ def test_mil_train_from_the_wheel_through_the_deepspeed_launcher(installed, tmp_
     sh([venv_bin / "mil", "make-benchmark", work / "bench", "--size", "tiny"], cwd=work)
     recipe = work / "quickstart.yaml"
     shutil.copy(ROOT / "recipes" / "quickstart.yaml", recipe)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = clean_env(MIL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                     TORCH_EXTENSIONS_DIR=tempfile.mkdtemp(prefix="mil-torch-ext-"))
-    sh([python, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
-        venv_bin / "mil", "train", recipe, f"data.root={work / 'bench'}", "data.generate=null", "encoder_pretraining=null",
-        f"output.dir={work / 'run'}", "output.tensorboard=false", "warmup=null",
-        "stages=[{name: image, modality: image, train: image/train.json, test: image/test.json}]",
-        "train.max_steps=2", "train.batch_size=4", "data.max_train_samples=8",
-        "data.max_test_samples=4", "data.preflight=manifests"], cwd=work, env=env)
+    train = [venv_bin / "mil", "train", recipe, f"data.root={work / 'bench'}", "data.generate=null",
+             "encoder_pretraining=null", f"output.dir={work / 'run'}", "output.tensorboard=false",
+             "warmup=null",
+             "stages=[{name: image, modality: image, train: image/train.json, test: image/test.json}]",
+             "train.max_steps=2", "train.batch_size=4", "data.max_train_samples=8",
+             "data.max_test_samples=4", "data.preflight=manifests", "--overwrite"]
+    launch_two_ranks(python, train, work, env)
     metrics = json.loads((work / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["completed_stages"] == 1
     assert (work / "run" / "checkpoints" / "stage-01-image" / "weights.safetensors").is_file()
