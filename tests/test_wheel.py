@@ -46,10 +46,13 @@ def free_port() -> int:
 
 def launch_two_ranks(python: Path, command: list, cwd: Path, env: dict, timeout: int = 300) -> None:
     """``command`` on 2 CPU ranks through the deepspeed launcher. Once in the full suite, a launch
-    hung before either rank reached its output folder (the gloo rendezvous; the same launch passes
-    in under a minute alone): such a hang is killed with every rank it started, its output is
-    printed, and the launch is tried once more on a fresh port. A second hang, or any failure,
-    fails the test."""
+    ran past 600 s before either rank reached its output folder: DeepSpeed JIT-builds its CPU
+    shared-memory allreduce op into this test's fresh extension folder, and that build crawled on a
+    machine whose /dev/shm held 19 GB of allreduce buffers earlier DeepSpeed runs had left behind
+    (the same launch takes under a minute on a clean machine). A launch that runs past ``timeout``
+    is killed with every rank it started, its output is printed, and it is tried once more on a
+    fresh port (the build's object file is kept). A second overrun, or any failure, fails the
+    test."""
     tails = []
     for attempt in range(2):
         proc = subprocess.Popen([str(c) for c in [python, "-m", "deepspeed.launcher.runner",
