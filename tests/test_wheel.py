@@ -51,8 +51,8 @@ def launch_two_ranks(python: Path, command: list, cwd: Path, env: dict, timeout:
     machine whose /dev/shm held 19 GB of allreduce buffers earlier DeepSpeed runs had left behind
     (the same launch takes under a minute on a clean machine). A launch that runs past ``timeout``
     is killed with every rank it started, its output is printed, and it is tried once more on a
-    fresh port (the build's object file is kept). A second overrun, or any failure, fails the
-    test."""
+    fresh port and a fresh extension folder (a killed build leaves its lock file behind, which
+    would hold every later build). A second overrun, or any failure, fails the test."""
     tails = []
     for attempt in range(2):
         proc = subprocess.Popen([str(c) for c in [python, "-m", "deepspeed.launcher.runner",
@@ -67,6 +67,7 @@ def launch_two_ranks(python: Path, command: list, cwd: Path, env: dict, timeout:
             out, _ = proc.communicate()
             tails.append(out[-3000:])
             print(f"[test_wheel] launch {attempt + 1} hung for {timeout} s; its output:\n{tails[-1]}")
+            env = {**env, "TORCH_EXTENSIONS_DIR": tempfile.mkdtemp(prefix="mil-torch-ext-")}
             continue
         assert proc.returncode == 0, f"{command}\n{out[-6000:]}"
         return
