@@ -116,6 +116,12 @@ def deepspeed_cmd() -> list[str]:
             str(ROOT / "tools" / "train.py"), str(QUICKSTART)]
 
 
+def shm_buffers_left(cmd: list[str]) -> list[str]:
+    """DeepSpeed's CPU allreduce buffers in /dev/shm of the launch ``cmd`` (by its port)."""
+    port = cmd[cmd.index("--master_port") + 1]
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def kill_mid_stage(cmd: list[str], out: Path, stage: str, signum=signal.SIGKILL) -> None:
     """Start ``cmd`` and kill it once its rolling checkpoint is mid-way through ``stage``."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
@@ -173,7 +179,9 @@ def test_deepspeed_two_processes_match_single_process_and_resume(bench, tmp_path
     ds = ["train.deepspeed=recipes/deepspeed/zero2.json"]
     single, multi, killed = tmp_path / "single", tmp_path / "ds", tmp_path / "ds-killed"
     run([*TRAIN, str(QUICKSTART), *common(bench, single, *overrides)])
-    run([*deepspeed_cmd(), *common(bench, multi, *overrides, *ds)], timeout=600)
+    launch = deepspeed_cmd()
+    run([*launch, *common(bench, multi, *overrides, *ds)], timeout=600)
+    assert shm_buffers_left(launch) == []  # DeepSpeed itself leaves 69 MB a rank there
     a, b = metrics(single), metrics(multi)
     assert b["world_size"] == 2 and a["world_size"] == 1
     for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
@@ -186,7 +194,9 @@ def test_deepspeed_two_processes_match_single_process_and_resume(bench, tmp_path
     assert max(abs(x - y) for (_, x), (_, y) in zip(loss_a, loss_b)) <= 1e-4
 
     # killed mid-stage under the launcher, resumed under the launcher: the same result
-    kill_mid_stage([*deepspeed_cmd(), *common(bench, killed, *overrides, *ds)], killed, "audio")
+    launch = deepspeed_cmd()
+    kill_mid_stage([*launch, *common(bench, killed, *overrides, *ds)], killed, "audio")
+    assert shm_buffers_left(launch) == []  # unlinked as soon as every rank had mapped them
     assert json.loads((killed / "checkpoints" / "last" / "state.json").read_text())["deepspeed_tag"]
     run([*deepspeed_cmd(), *common(bench, killed, *overrides, *ds), "--resume"], timeout=600)
     assert metrics(killed)["accuracy_matrix"] == b["accuracy_matrix"]
