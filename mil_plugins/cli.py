@@ -95,7 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     return eval_checkpoint_cli(Path(args.checkpoint), [Path(m) for m in args.manifest],
                                root=Path(args.root) if args.root else None,
-                               batch_size=args.batch_size, out=args.out)
+                               batch_size=args.batch_size, out=args.out,
+                               choices={"generate": None}.get(args.choices, args.choices))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", help="write the scores as JSON here")
+    p.add_argument("--choices", choices=("recipe", "generate", "task"), default="recipe",
+                   help="generate every answer, or pick each exact-match answer among its "
+                        "task's answers (task); default: as the checkpoint's eval.choices")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a checkpoint to LLaVA or transformers layout")

@@ -23,10 +23,16 @@ DEFAULT_METRIC = "exact_match"
 
 @torch.no_grad()
 def predict(model, samples: list, make_loader: Callable[..., Any], *, methods=(), ctx=None,
-            dist=None, batch_size: int = 32, max_new_tokens: int = 16, desc: str = "eval") -> list[dict]:
-    """Generated answers for ``samples`` (every rank gets every prediction)."""
+            dist=None, batch_size: int = 32, max_new_tokens: int = 16, desc: str = "eval",
+            options: list | None = None) -> list[dict]:
+    """Answers for ``samples`` (every rank gets every prediction): generated, or, for a sample
+    whose ``options[i]`` lists ``(text, token ids)`` candidates, the likeliest candidate
+    (:mod:`mil_plugins.choices`)."""
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    if options is not None and len(options) != len(samples):
+        raise ValueError(f"{len(options)} option lists for {len(samples)} samples")
     mine = samples[rank::world]
+    mine_options = options[rank::world] if options is not None else [None] * len(mine)
     real = len(mine)
     gen_kwargs = {}
     if world > 1:
@@ -34,6 +40,8 @@ def predict(model, samples: list, make_loader: Callable[..., Any], *, methods=()
         # parameters (ZeRO-3) can be gathered in lock-step; the padding rows are dropped
         per_rank = -(-len(samples) // world)
         mine = mine + [samples[-1]] * (per_rank - real) if samples else mine
+        last = options[-1] if options is not None and samples else None
+        mine_options = mine_options + [last] * (len(mine) - real)
         gen_kwargs["synced_gpus"] = True
     rows = []
     was_training = model.training
@@ -45,7 +53,8 @@ def predict(model, samples: list, make_loader: Callable[..., Any], *, methods=()
     seen = 0
     for batch in tqdm(batches, desc=desc, disable=rank != 0, leave=False, mininterval=1.0):
         hooks.before_forward(batch)
-        answers = model.generate(batch, max_new_tokens=max_new_tokens, **gen_kwargs)
+        opts = mine_options[seen:seen + len(batch["ids"])]
+        answers = answer_batch(model, batch, opts, max_new_tokens, gen_kwargs)
         for i, pred in enumerate(answers):
             if seen < real:
                 rows.append({"id": batch["ids"][i], "prediction": pred,
@@ -56,6 +65,44 @@ def predict(model, samples: list, make_loader: Callable[..., Any], *, methods=()
     if dist is not None and world > 1:
         rows = [r for part in dist.gather(rows) for r in part]
     return rows
+
+
+def answer_batch(model, batch: dict, options: list, max_new_tokens: int, gen_kwargs: dict
+                 ) -> list[str]:
+    """One batch's answers: generated for rows without options, chosen for rows with them. Which
+    calls run depends only on the batch's samples, so ranks padded alike stay in lock-step."""
+    answers: list[str] = [""] * len(options)
+    if any(o is None for o in options):
+        answers = model.generate(batch, max_new_tokens=max_new_tokens, **gen_kwargs)
+    if any(o is not None for o in options):
+        from mil_plugins.choices import choose
+
+        closed = [i for i, o in enumerate(options) if o is not None]
+        sub = batch if len(closed) == len(options) else select_rows(batch, closed)
+        scores = model.option_log_likelihoods(sub, [[ids for _, ids in options[i]] for i in closed])
+        for i, row_scores in zip(closed, scores):
+            answers[i] = options[i][choose(row_scores)][0]
+    return answers
+
+
+def select_rows(batch: dict, rows: list[int]) -> dict:
+    """The batch restricted to ``rows`` (their media rows too)."""
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels"):
+        if batch.get(key) is not None:
+            out[key] = batch[key][torch.tensor(rows, device=batch[key].device)]
+    for key in ("ids", "modalities", "answers", "tasks", "metrics"):
+        if batch.get(key) is not None:
+            out[key] = [batch[key][i] for i in rows]
+    media, wanted = {}, set(rows)
+    for m, x in (batch.get("media") or {}).items():
+        owners = [i for i, mods in enumerate(batch["modalities"]) for mm in mods if mm == m]
+        keep = [k for k, owner in enumerate(owners) if owner in wanted]
+        if keep:
+            media[m] = x[torch.tensor(keep, device=x.device)]
+    out["media"] = media
+    out["media_kind"] = {m: k for m, k in (batch.get("media_kind") or {}).items() if m in media}
+    return out
 
 
 def score_predictions(rows: list[dict]) -> dict:
@@ -81,8 +128,11 @@ def score_predictions(rows: list[dict]) -> dict:
 
 
 def eval_checkpoint_cli(checkpoint: Path, manifests: list[Path], root: Path | None = None,
-                        batch_size: int = 16, out: str | None = None) -> int:
-    """``mil eval CHECKPOINT MANIFEST...``: rebuild the model of a stage checkpoint and score it."""
+                        batch_size: int = 16, out: str | None = None,
+                        choices: str | None = "recipe") -> int:
+    """``mil eval CHECKPOINT MANIFEST...``: rebuild the model of a stage checkpoint and score it
+    (answers generated or chosen as ``choices`` says: ``"task"``, None, or ``"recipe"``: as the
+    checkpoint's ``eval.choices``)."""
     from mil_plugins.engine.session import load_for_eval
 
     session = load_for_eval(checkpoint)
@@ -91,7 +141,8 @@ def eval_checkpoint_cli(checkpoint: Path, manifests: list[Path], root: Path | No
         samples = session.load_samples(manifest.resolve(), root)
         rows = predict(session.model, samples, session.make_loader, methods=session.methods,
                        ctx=session.ctx, batch_size=batch_size,
-                       max_new_tokens=session.recipe["eval"]["max_new_tokens"], desc=manifest.name)
+                       max_new_tokens=session.recipe["eval"]["max_new_tokens"], desc=manifest.name,
+                       options=session.answer_options(samples, choices))
         results[str(manifest)] = score_predictions(rows)
         result = results[str(manifest)]
         tasks = ", ".join(f"{t} {s:.1f}" for t, s in result["tasks"].items())

@@ -8,6 +8,7 @@ from fake_plugins import plugins
 from mil_plugins.data import (IGNORE_INDEX, DataError, Sample, add_placeholder_tokens,
                               build_word_tokenizer, encode_for_generation, encode_for_training,
                               get_template, placeholder_tokens)
+from mil_plugins.data.tokenize import encode_answer
 
 TEXTS = ["what is it compare hear see a red circle same long " + " ".join(f"w{i}" for i in range(40)),
          get_template("v1").literal_text, get_template("qa").literal_text]
@@ -113,6 +114,33 @@ def test_generation_prompt_matches_training_context(tok, ph):
     assert runs(gen["input_ids"], 4) == [3] and runs(gen["input_ids"], 5) == [2]
     with pytest.raises(DataError, match=r"m\.json: sample 's1' \(index 7\): the generation prompt is"):
         encode_for_generation(s, tok, "v1", ph, max_length=5)
+
+
+@pytest.mark.parametrize("template", ["v1", "qa", "plain"])
+def test_an_answers_tokens_are_what_training_puts_after_the_prompt(tok, ph, template, monkeypatch):
+    s = sample("<vec> what is it", "a red circle") if template == "plain" else \
+        sample("<vec> what is it", "a red", "<snd> see", "circle")
+    gen = encode_for_generation(s, tok, template, ph, None)["input_ids"]
+    train = encode_for_training(s, tok, template, ph, None)
+    ref = encode_answer(s, gen_answer(s), tok, template, ph)
+    assert gen + ref == train["input_ids"]
+    assert ref == [i for i, lab in zip(train["input_ids"], train["labels"]) if lab != IGNORE_INDEX][-len(ref):]
+    other = encode_answer(s, "same long", tok, template, ph)
+    assert other != ref and tok.decode(other).startswith("same long")
+    if template != "plain":  # (plain's separator is a newline, no token of a word tokenizer)
+        assert other[-1] == ref[-1] == tok.eos_token_id  # the separator is scored too
+    import mil_plugins.data.tokenize as T
+
+    real = T.encode_for_generation
+    monkeypatch.setattr(T, "encode_for_generation",
+                        lambda *a: {**real(*a), "input_ids": real(*a)["input_ids"][:-1] + [0]})
+    with pytest.raises(DataError, match=r"m\.json: sample 's1' \(index 7\): the prompt tokenises "
+                                        r"differently when the answer 'same' follows"):
+        encode_answer(s, "same", tok, template, ph)
+
+
+def gen_answer(s):
+    return s.conversations[-1]["value"]
 
 
 def test_truncation_never_splits_a_run_nor_drops_media(tok, ph):

@@ -249,6 +249,44 @@ def test_eval_and_export_from_a_checkpoint(bench, tmp_path):
         assert raw["model.mm_projector.0.weight"].shape[1] == cfg["mm_hidden_size"]
 
 
+def test_closed_set_answers_in_a_run_and_from_its_checkpoint(bench, tmp_path):
+    """``eval.choices=task``: the run's scores are the ones ``mil eval --choices task`` gives its
+    checkpoint; training is untouched; the caption task is generated either way, so it scores
+    as in a generating run; every question is answered with one of its task's answers."""
+    overrides = ["stages=[{name: audio, modality: audio, train: audio/train.json, test: audio/test.json}]",
+                 "warmup.max_steps=4", "train.max_steps=24", "train.batch_size=8"]
+    gen, closed = tmp_path / "gen", tmp_path / "closed"
+    run([*TRAIN, str(QUICKSTART), *common(bench, gen, *overrides)])
+    run([*TRAIN, str(QUICKSTART), *common(bench, closed, *overrides, "eval.choices=task")])
+    assert step_losses(gen) == step_losses(closed)
+    a, b = metrics(gen)["per_task"]["audio"], metrics(closed)["per_task"]["audio"]
+    assert set(a) == set(b) == {"pitch", "count", "caption"}
+    assert b["caption"] == pytest.approx(a["caption"], abs=1e-9)
+    mil = [sys.executable, "-m", "mil_plugins.cli"]
+    ckpt, test = closed / "checkpoints" / "stage-01-audio", bench / "audio" / "test.json"
+    for choices, expect in (("recipe", b), ("task", b), ("generate", a)):
+        scores = tmp_path / f"{choices}.json"
+        run([*mil, "eval", str(ckpt), str(test), "--root", str(bench), "--choices", choices,
+             "--out", str(scores)])
+        tasks = next(iter(json.loads(scores.read_text()).values()))["tasks"]
+        assert tasks == pytest.approx(expect, abs=1e-9), choices
+
+    # every closed-set prediction is one of its task's answers
+    from mil_plugins.choices import task_answer_sets
+    from mil_plugins.engine.session import load_for_eval
+    from mil_plugins.evaluate import predict
+
+    session = load_for_eval(ckpt)
+    samples = session.load_samples(test, bench)
+    rows = predict(session.model, samples, session.make_loader, methods=session.methods,
+                   ctx=session.ctx, batch_size=16, options=session.answer_options(samples, "task"))
+    sets = task_answer_sets(samples)
+    assert sets.keys() == {"pitch", "count"}
+    for row in rows:
+        if row["task"] in sets:
+            assert row["prediction"] in sets[row["task"]], row
+
+
 def test_bad_samples_raise_or_are_skipped_and_counted(bench, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(bench / "image", data / "image")

@@ -72,3 +72,80 @@ def test_a_task_may_not_mix_metrics():
             {"task": "t", "metric": "bleu4", "prediction": "a", "answer": "a"}]
     with pytest.raises(ValueError, match="mixes metrics"):
         score_predictions(rows)
+
+
+# -- closed-set answers (eval.choices: task) --------------------------------------------------------
+class Q:
+    """A manifest sample: a conversation, its task and metric."""
+
+    def __init__(self, i, answer, task="color", metric="exact_match"):
+        self.id, self.task, self.metric = f"q{i}", task, metric
+        self.conversations = [{"from": "human", "value": "<vec> which?"},
+                              {"from": "gpt", "value": answer}]
+        self.answer = answer
+
+
+def spell(sample, text):
+    """A stand-in tokenizer: one id per character."""
+    return [ord(c) for c in text]
+
+
+class ChooserModel(EchoModel):
+    """Scores the reference answer 0 and every other option -1 (or, ``wrong``, the reverse)."""
+
+    def __init__(self, wrong=False):
+        super().__init__()
+        self.wrong, self.scored = wrong, []
+
+    def option_log_likelihoods(self, batch, options):
+        assert len(options) == len(batch["ids"])
+        self.scored.append(list(batch["ids"]))
+        texts = [["".join(map(chr, o)) for o in opts] for opts in options]
+        return [[-float((t == ref) == self.wrong) for t in row]
+                for row, ref in zip(texts, batch["answers"])]
+
+
+def test_a_tasks_candidates_are_its_distinct_answers_as_exact_match_compares_them():
+    from mil_plugins.choices import choose, sample_options, task_answer_sets
+
+    samples = [Q(0, "red"), Q(1, "Blue"), Q(2, "blue."), Q(3, "red"), Q(4, "Two", task="count"),
+               Q(5, "2", task="count"), Q(6, "three", task="count"),
+               Q(7, "a red circle", task="caption", metric="bleu4")]
+    assert task_answer_sets(samples) == {"color": ["Blue", "red"], "count": ["Two", "three"]}
+    opts = sample_options(samples, spell)
+    assert opts[7] is None and opts[0] == opts[2] == [("Blue", spell(0, "Blue")), ("red", spell(0, "red"))]
+    assert [t for t, _ in opts[5]] == ["Two", "three"]
+    assert choose([-3.0, -1.0, -1.0, -2.0]) == 1
+
+
+def test_closed_set_rows_are_chosen_and_the_others_generated_in_one_batch():
+    from mil_plugins.choices import sample_options
+
+    samples = [Q(0, "red"), Q(1, "a red circle", task="caption", metric="bleu4"), Q(2, "blue"),
+               Q(3, "green"), Q(4, "a blue square", task="caption", metric="bleu4")]
+    options = sample_options(samples, spell)
+    model = ChooserModel()
+    rows = predict(model, samples, loader, batch_size=5, options=options)
+    assert [r["prediction"] for r in rows] == [s.answer for s in samples]
+    assert model.scored == [["q0", "q2", "q3"]] and len(model.calls) == 1  # one call of each kind
+    wrong = predict(ChooserModel(wrong=True), samples, loader, batch_size=5, options=options)
+    assert [r["prediction"] for r in wrong] == ["blue", "a red circle", "green", "blue",
+                                                 "a blue square"]  # the first other candidate
+    scored = score_predictions(wrong)
+    assert scored["tasks"]["color"] == 0.0
+    with pytest.raises(ValueError, match="2 option lists for 5 samples"):
+        predict(model, samples, loader, options=options[:2])
+
+
+def test_ranks_choose_in_lock_step():
+    from mil_plugins.choices import sample_options
+
+    samples = [Q(i, ["red", "blue", "green"][i % 3]) for i in range(5)]
+    options = sample_options(samples, spell)
+    parts: dict = {}
+    models = [ChooserModel(), ChooserModel()]
+    for rank in (1, 0):
+        rows = predict(models[rank], samples, loader, dist=FakeDist(rank, 2, parts), batch_size=2,
+                       options=options)
+    assert sorted((r["id"], r["prediction"]) for r in rows) == sorted((s.id, s.answer) for s in samples)
+    assert len(models[0].scored) == len(models[1].scored) == 2 and not models[0].calls

@@ -184,3 +184,26 @@ def test_overfit_two_fake_modalities():
     assert answers == vec_answers + seq_answers, (step, loss.item(), answers)
     print("overfit steps", step, "loss", loss.item(), "secs", time.time() - start)
     assert time.time() - start < 30
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_modality"])
+def test_option_log_likelihoods_are_the_training_loss_of_each_answer(mode):
+    """Each option's score is exactly minus the summed training cross-entropy of that answer
+    after that prompt, batched prompts of different lengths and options of different lengths."""
+    m = _model(mode).eval()
+    tok = m.tokenizer
+    samples = _samples()
+    options = [["cat", "dog", "red blue green"], ["red blue", "two"], ["two"], ["world", "a the"]]
+    gen = make_batch(m, [(p, None, med) for p, _, med in samples], train=False)
+    ids = [[tok(o, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for o in opts]
+           for opts in options]
+    got = m.option_log_likelihoods(gen, ids)
+    assert [len(r) for r in got] == [3, 2, 1, 2]
+    for (prompt, _, med), opts, row, row_ids in zip(samples, options, got, ids):
+        for text, score, o in zip(opts, row, row_ids):
+            loss = m(make_batch(m, [(prompt, text, med)])).loss
+            assert score == pytest.approx(-loss.item() * len(o), abs=1e-4), (prompt, text)
+    with pytest.raises(ValueError, match="option lists"):
+        m.option_log_likelihoods(gen, ids[:2])
+    with pytest.raises(ValueError, match="at least one option"):
+        m.option_log_likelihoods(gen, [[], *ids[1:]])

@@ -45,6 +45,8 @@ def test_defaults_are_filled(tmp_path):
     assert recipe["train"]["batch_size"] == 16
     assert recipe["methods"] == [{"name": "finetune", "options": {}}]
     assert recipe["model"]["connector"]["mode"] == "shared"
+    assert recipe["eval"]["choices"] is None
+    assert load_recipe(write(tmp_path, with_section("eval: {choices: task}")))["eval"]["choices"] == "task"
 
 
 def with_section(line: str) -> str:
@@ -58,6 +60,7 @@ def with_section(line: str) -> str:
     ("train: {lrr: 1}", "train.lrr", "did you mean 'lr'"),
     ("train: {batch_size: many}", "train.batch_size", "expected int"),
     ("train: {scheduler: wavy}", "train.scheduler", "not one of"),
+    ("eval: {choices: sample}", "eval.choices", "'sample' is not one of task"),
     ("methods: [{name: ewk}]", "methods.0.name", "did you mean 'ewc'"),
     ("model: {llm: {config: {}}, tokenizer: {build_from_data: true}, connector: {projector_type: mlp2x_relu}}",
      "model.connector.projector_type", "unknown projector"),

@@ -205,3 +205,24 @@ def encode_for_generation(sample: Any, tokenizer: Any, template: Template | str,
         raise DataError(f"the generation prompt is {len(input_ids)} tokens, more than "
                         f"max_length={max_length}", **ctx)
     return {"input_ids": input_ids, "answer": answer}
+
+
+def encode_answer(sample: Any, answer: str, tokenizer: Any, template: Template | str,
+                  placeholders: Mapping[str, tuple[int, int]]) -> list[int]:
+    """The tokens that training puts right after :func:`encode_for_generation`'s prompt when the
+    final answer is ``answer``: the answer and the separator that ends it (``" red</s>"`` in
+    ``v1``). Closed-set evaluation scores these tokens' likelihood after the prompt.
+
+    The prompt must tokenise the same with and without an answer after it (true of every shipped
+    template with a word, SentencePiece or byte-level BPE tokenizer); else :class:`DataError`.
+    """
+    conversations = [dict(turn) for turn in _conversations(sample)]
+    conversations[-1]["value"] = answer
+    prompt = encode_for_generation(sample, tokenizer, template, placeholders, None)["input_ids"]
+    full = encode_for_training({"conversations": conversations}, tokenizer, template,
+                               placeholders, None)["input_ids"]
+    if full[:len(prompt)] != prompt:
+        raise DataError(f"the prompt tokenises differently when the answer {answer!r} follows it, "
+                        f"so the answer's tokens cannot be scored after the prompt",
+                        **_sample_context(sample))
+    return full[len(prompt):]

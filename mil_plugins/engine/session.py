@@ -175,6 +175,19 @@ class Session:
                                  self.model.placeholders(), self.recipe["model"]["max_length"],
                                  mode=mode, media_loader=self._media_loader)
 
+    def answer_options(self, samples: list) -> list | None:
+        """Per sample, its closed-set candidates ``(text, token ids)`` when ``eval.choices`` asks
+        for them (None for a generated sample); None when every answer is generated."""
+        mode = self.recipe["eval"].get("choices")
+        if mode is None:
+            return None
+        from mil_plugins.choices import sample_options
+        from mil_plugins.data.tokenize import encode_answer
+
+        placeholders = self.model.placeholders()
+        return sample_options(samples, lambda sample, text: encode_answer(
+            sample, text, self.tokenizer, self.template, placeholders))
+
     def collator(self, mode: str):
         from mil_plugins.data import Collator
 
@@ -263,6 +276,18 @@ class EvalSession:
 
     def load_samples(self, manifest: Path, root: Path | None = None) -> list:
         return self.session.load_samples(manifest, root)
+
+    def answer_options(self, samples: list, choices: str | None = "recipe") -> list | None:
+        """As :meth:`Session.answer_options`, with ``choices`` (``"task"`` or None) in place of
+        the checkpoint recipe's ``eval.choices`` unless it is ``"recipe"``."""
+        if choices == "recipe":
+            return self.session.answer_options(samples)
+        ev = self.session.recipe["eval"]
+        saved, ev["choices"] = ev.get("choices"), choices
+        try:
+            return self.session.answer_options(samples)
+        finally:
+            ev["choices"] = saved
 
 
 def load_for_eval(checkpoint: Path) -> EvalSession:

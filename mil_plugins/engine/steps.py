@@ -62,14 +62,15 @@ def train_plan(session, plan: StagePlan, names: set[str], logger, hooks=None) ->
 
 
 def evaluate_samples(session, samples: list, desc: str = "eval", with_rows: bool = False) -> dict:
-    """Generate answers for ``samples`` and score them (:func:`~mil_plugins.evaluate.score_predictions`);
+    """Answer ``samples`` (generated, or chosen as ``eval.choices`` says) and score them (:func:`~mil_plugins.evaluate.score_predictions`);
     ``with_rows`` adds the predictions under ``"rows"``."""
     from mil_plugins.evaluate import predict, score_predictions
 
     ev = session.recipe["eval"]
     rows = predict(session.model, samples, session.make_loader, methods=session.hooks,
                    ctx=session.ctx, dist=session.dist, batch_size=ev["batch_size"],
-                   max_new_tokens=ev["max_new_tokens"], desc=desc)
+                   max_new_tokens=ev["max_new_tokens"], desc=desc,
+                   options=session.answer_options(samples))
     scored = score_predictions(rows)
     if with_rows:
         scored["rows"] = rows

@@ -20,7 +20,8 @@ choice, with one exception decided here: an encoder whose plugin options do not 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import inspect
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -357,6 +358,63 @@ class MultimodalLM(nn.Module):
         if seqs.shape[1] > max_new_tokens:  # some versions prepend the prompt ids
             seqs = seqs[:, -max_new_tokens:]
         return seqs
+
+
+    @torch.no_grad()
+    def option_log_likelihoods(self, batch: Mapping[str, Any],
+                               options: Sequence[Sequence[Sequence[int]]]) -> list[list[float]]:
+        """``[i][j]``: the summed log-probability of token sequence ``options[i][j]`` right after
+        prompt ``i`` of the batch (closed-set answering, lm-evaluation-harness's ``acc``).
+
+        The prompts are embedded once (media encoded once); then one LLM call scores every
+        (prompt, option) pair, prompt rows repeated, options right-padded after the prompts'
+        common end. One call per batch keeps sharded (ZeRO-3) ranks in lock-step; its rows are
+        the batch's total number of options, so ``eval.batch_size`` bounds its memory.
+        """
+        if len(options) != batch["input_ids"].shape[0]:
+            raise ValueError(f"{len(options)} option lists for a batch of "
+                             f"{batch['input_ids'].shape[0]} prompts")
+        if any(not opts or any(len(o) == 0 for o in opts) for opts in options):
+            raise ValueError("every prompt needs at least one option, and every option a token")
+        was_training = self.training
+        self.eval()
+        try:
+            embeds = self.embed(batch)
+            mask = batch.get("attention_mask")
+            if mask is None:
+                mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            tmap = self.token_modality_map(batch["input_ids"].to(embeds.device))
+            embeds, mask, tmap = _left_align(embeds, mask.to(embeds.device), tmap)
+            device = embeds.device
+            rows = torch.tensor([i for i, opts in enumerate(options) for _ in opts], device=device)
+            flat = [list(o) for opts in options for o in opts]
+            T = max(len(o) for o in flat)
+            opt_ids = torch.zeros(len(flat), T, dtype=torch.long, device=device)
+            opt_mask = torch.zeros(len(flat), T, dtype=mask.dtype, device=device)
+            for k, o in enumerate(flat):
+                opt_ids[k, :len(o)] = torch.as_tensor(o, dtype=torch.long)
+                opt_mask[k, :len(o)] = 1
+            opt_embeds = self.llm.get_input_embeddings()(opt_ids).to(embeds.dtype)
+            inputs = torch.cat([embeds[rows], opt_embeds], dim=1)
+            full_mask = torch.cat([mask[rows], opt_mask], dim=1)
+            self.token_modality.prompt = tmap[rows]  # option tokens are text (see layer_modules)
+            kwargs: dict[str, Any] = {}
+            if "logits_to_keep" in inspect.signature(self.base_llm().forward).parameters:
+                kwargs["logits_to_keep"] = T + 1  # the last prompt position and every option's
+            out = self.llm(inputs_embeds=inputs, attention_mask=full_mask,
+                           position_ids=self.position_ids(full_mask), use_cache=False,
+                           return_dict=True, **kwargs)
+        finally:
+            self.token_modality.prompt = self.token_modality.llm = None
+            self.train(was_training)
+        logits = out.logits[:, -(T + 1):-1].float()  # position L-1+t predicts option token t
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, opt_ids.unsqueeze(-1)).squeeze(-1)
+        totals = (logp * opt_mask.to(logp.dtype)).sum(dim=1).tolist()
+        result, k = [], 0
+        for opts in options:
+            result.append(totals[k:k + len(opts)])
+            k += len(opts)
+        return result
 
 
 def _left_align(embeds: torch.Tensor, mask: torch.Tensor, tmap: torch.Tensor

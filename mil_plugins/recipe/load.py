@@ -211,7 +211,7 @@ def _check_section(data: dict, section: dict, source: str, path: str) -> dict:
             continue
         out[key] = _check(data[key], spec, source, here)
         choices = S.CHOICES.get(tuple(here.split(".")))
-        if choices and out[key] not in choices:
+        if choices and out[key] is not None and out[key] not in choices:
             raise RecipeError(source, here, f"{out[key]!r} is not one of {', '.join(choices)}")
         _check_value(out[key], source, here)
     return out
