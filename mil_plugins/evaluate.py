@@ -43,6 +43,10 @@ def predict(model, samples: list, make_loader: Callable[..., Any], *, methods=()
         last = options[-1] if options is not None and samples else None
         mine_options = mine_options + [last] * (len(mine) - real)
         gen_kwargs["synced_gpus"] = True
+    # under several ranks, every batch makes the calls that any batch of the split needs
+    lock_step = None
+    if world > 1 and options is not None:
+        lock_step = (any(o is None for o in options), any(o is not None for o in options))
     rows = []
     was_training = model.training
     model.eval()
@@ -54,7 +58,7 @@ def predict(model, samples: list, make_loader: Callable[..., Any], *, methods=()
     for batch in tqdm(batches, desc=desc, disable=rank != 0, leave=False, mininterval=1.0):
         hooks.before_forward(batch)
         opts = mine_options[seen:seen + len(batch["ids"])]
-        answers = answer_batch(model, batch, opts, max_new_tokens, gen_kwargs)
+        answers = answer_batch(model, batch, opts, max_new_tokens, gen_kwargs, lock_step)
         for i, pred in enumerate(answers):
             if seen < real:
                 rows.append({"id": batch["ids"][i], "prediction": pred,
@@ -67,17 +71,23 @@ def predict(model, samples: list, make_loader: Callable[..., Any], *, methods=()
     return rows
 
 
-def answer_batch(model, batch: dict, options: list, max_new_tokens: int, gen_kwargs: dict
-                 ) -> list[str]:
-    """One batch's answers: generated for rows without options, chosen for rows with them. Which
-    calls run depends only on the batch's samples, so ranks padded alike stay in lock-step."""
-    answers: list[str] = [""] * len(options)
-    if any(o is None for o in options):
-        answers = model.generate(batch, max_new_tokens=max_new_tokens, **gen_kwargs)
-    if any(o is not None for o in options):
-        from mil_plugins.choices import choose
+def answer_batch(model, batch: dict, options: list, max_new_tokens: int, gen_kwargs: dict,
+                 lock_step: tuple[bool, bool] | None = None) -> list[str]:
+    """One batch's answers: generated for rows without options, chosen for rows with them.
 
-        closed = [i for i, o in enumerate(options) if o is not None]
+    ``lock_step`` (several ranks): ``(generate, choose)``, the calls every batch makes whether or
+    not its own rows need them, so that sharded (ZeRO-3) ranks gather parameters in step; a call
+    no row needs runs on the batch and its result is dropped."""
+    from mil_plugins.choices import choose
+
+    answers: list[str] = [""] * len(options)
+    closed = [i for i, o in enumerate(options) if o is not None]
+    generate, pick = (len(closed) < len(options), bool(closed)) if lock_step is None else lock_step
+    if generate:
+        answers = list(model.generate(batch, max_new_tokens=max_new_tokens, **gen_kwargs))
+    if pick and not closed:  # only to keep the ranks in step
+        model.option_log_likelihoods(batch, [[[0]] for _ in options])
+    elif pick:
         sub = batch if len(closed) == len(options) else select_rows(batch, closed)
         scores = model.option_log_likelihoods(sub, [[ids for _, ids in options[i]] for i in closed])
         for i, row_scores in zip(closed, scores):
