@@ -64,6 +64,7 @@ def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
     for options in modalities.values():  # transformers' tiny CLIP: the GPU image may lack timm
         options.setdefault("tiny_tower", "clip")
     return [str(RECIPE), f"data.root={data}", f"output.dir={out}", "data.generate=null",
+            "encoder_pretraining=null",  # random towers: these checks are not about pretraining
             "output.tensorboard=false", f"modalities={json.dumps(modalities)}",
             f"stages={json.dumps(stages)}", "warmup.max_steps=2", "train.max_steps=3",
             "train.batch_size=8", "data.max_train_samples=16", "data.max_test_samples=4",
