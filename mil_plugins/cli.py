@@ -168,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", help="write the scores as JSON here")
-    p.add_argument("--choices", choices=("recipe", "generate", "task"), default="recipe",
+    p.add_argument("--choices", choices=("recipe", "generate", "task", "sample"),
+                   default="recipe",
                    help="generate every answer, or pick each exact-match answer among its "
-                        "task's answers (task); default: as the checkpoint's eval.choices")
+                        "task's answers (task) or its own options (sample); default: as the "
+                        "checkpoint's eval.choices")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a checkpoint to LLaVA or transformers layout")

@@ -34,13 +34,19 @@ def test_good_sample(root):
     (s,) = data.samples
     assert not data.skipped
     assert s.id == "s1" and s.task == "t" and s.metric == "exact" and s.index == 0
-    assert s.manifest == root / "m.json" and s.meta == {"k": 1}
+    assert s.manifest == root / "m.json" and s.meta == {"k": 1} and s.options is None
     assert [t["from"] for t in s.conversations] == ["system", "human", "gpt"]
     assert s.media["vec"] == [(root / "v/a.npy").resolve(), (root / "v/b.npy").resolve()]
     assert all(p.is_absolute() for p in s.media["vec"])
     order = s.media_in_order(plugins())
     assert [(m, p.name, p.parent.name) for m, p in order] == [
         ("vec", "a.npy", "v"), ("snd", "a.npy", "s"), ("vec", "b.npy", "v")]
+
+
+def test_a_questions_options_are_kept(root):
+    data = load_manifest(write_json(root / "m.json", [good(options=["a vector", "a sound"])]),
+                         plugins=plugins())
+    assert data.samples[0].options == ("a vector", "a sound")
 
 
 def test_text_only_and_absolute_path_inside_root(root):
@@ -124,6 +130,8 @@ BAD = {
                                 "turn 1 (gpt) contains the placeholder '<vec>'"),
     "bad media value": (good("X", vec={"a": 1}), "must be a path or a list of paths"),
     "task not a string": (good("X", task=3), "'task' must be a string"),
+    "options not a list": (good("X", options="red or blue"), "'options' must be a non-empty list"),
+    "an empty option": (good("X", options=["red", " "]), "'options' must be a non-empty list"),
 }
 
 

@@ -264,7 +264,8 @@ def test_closed_set_answers_in_a_run_and_from_its_checkpoint(bench, tmp_path):
     assert b["caption"] == pytest.approx(a["caption"], abs=1e-9)
     mil = [sys.executable, "-m", "mil_plugins.cli"]
     ckpt, test = closed / "checkpoints" / "stage-01-audio", bench / "audio" / "test.json"
-    for choices, expect in (("recipe", b), ("task", b), ("generate", a)):
+    # the built-in questions list their options: the same answer sets as the task's
+    for choices, expect in (("recipe", b), ("task", b), ("sample", b), ("generate", a)):
         scores = tmp_path / f"{choices}.json"
         run([*mil, "eval", str(ckpt), str(test), "--root", str(bench), "--choices", choices,
              "--out", str(scores)])

@@ -157,3 +157,47 @@ def test_ranks_choose_in_lock_step(captions):
     assert sorted((r["id"], r["prediction"]) for r in rows) == sorted((s.id, s.answer) for s in samples)
     assert len(models[0].scored) == len(models[1].scored) == 2
     assert len(models[0].calls) == len(models[1].calls) == (2 if captions else 0)
+
+
+def test_a_samples_own_options_and_the_errors_that_name_it():
+    from mil_plugins.choices import sample_options
+    from mil_plugins.data import DataError
+
+    samples = [Q(0, "red"), Q(1, "Two", task="count"), Q(2, "a red circle", task="caption",
+                                                       metric="bleu4")]
+    samples[0].options, samples[1].options = ("red", "blue", "green"), ("one", "2")
+    opts = sample_options(samples, spell, "sample")
+    assert [t for t, _ in opts[0]] == ["red", "blue", "green"]  # the manifest's order
+    assert [t for t, _ in opts[1]] == ["one", "2"] and opts[2] is None
+    samples[1].manifest, samples[1].index = "test.json", 1
+    samples[1].options = ("one", "three")
+    with pytest.raises(DataError, match=r"test\.json: sample 'q1' \(index 1\): the answer 'Two' is "
+                                        r"not one of the sample's options \['one', 'three'\]"):
+        sample_options(samples, spell, "sample")
+    samples[1].options = None
+    with pytest.raises(DataError, match="sample 'q1'.*this one has none"):
+        sample_options(samples, spell, "sample")
+    with pytest.raises(ValueError, match="one of task, sample or null"):
+        sample_options(samples, spell, "all")
+
+
+def test_preflight_refuses_sample_choices_without_options(tmp_path):
+    """eval.choices: sample with a question that lists no options stops before any training."""
+    from mil_plugins.engine.preflight import check_answer_choices
+    from mil_plugins.data import DataError
+
+    rows = [{"id": "a", "task": "color", "metric": "exact_match", "options": ["red", "blue"],
+             "conversations": [{"from": "human", "value": "which?"}, {"from": "gpt", "value": "red"}]},
+            {"id": "b", "task": "color", "metric": "exact_match",
+             "conversations": [{"from": "human", "value": "which?"}, {"from": "gpt", "value": "blue"}]}]
+    import json
+
+    (tmp_path / "test.json").write_text(json.dumps(rows))
+    recipe = {"eval": {"choices": "sample"}, "data": {"root": str(tmp_path)}, "modalities": {},
+              "stages": [{"name": "s", "train": "test.json", "test": "test.json"}]}
+    with pytest.raises(DataError, match=r"test\.json: sample 'b' \(index 1\): eval\.choices: sample needs"):
+        check_answer_choices(recipe)
+    rows[1]["options"] = ["red", "blue"]
+    (tmp_path / "test.json").write_text(json.dumps(rows))
+    check_answer_choices(recipe)
+    check_answer_choices({**recipe, "eval": {"choices": "task"}})  # nothing to check

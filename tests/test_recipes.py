@@ -60,7 +60,7 @@ def with_section(line: str) -> str:
     ("train: {lrr: 1}", "train.lrr", "did you mean 'lr'"),
     ("train: {batch_size: many}", "train.batch_size", "expected int"),
     ("train: {scheduler: wavy}", "train.scheduler", "not one of"),
-    ("eval: {choices: sample}", "eval.choices", "'sample' is not one of task"),
+    ("eval: {choices: each}", "eval.choices", "'each' is not one of task, sample"),
     ("methods: [{name: ewk}]", "methods.0.name", "did you mean 'ewc'"),
     ("model: {llm: {config: {}}, tokenizer: {build_from_data: true}, connector: {projector_type: mlp2x_relu}}",
      "model.connector.projector_type", "unknown projector"),

@@ -91,6 +91,7 @@ class Sample:
     index: int = 0
     meta: Any = None
     source: Any = None
+    options: tuple[str, ...] | None = None  # the answer choices of a question, when listed
 
     @property
     def modalities(self) -> list[str]:
@@ -325,12 +326,18 @@ class _Checker:
                 problems.append((None, f"{key!r} must be a string or null, got "
                                        f"{type(value).__name__}"))
             meta[key] = value
+        options = rec.get("options")
+        if options is not None and (not isinstance(options, list) or not options or not all(
+                isinstance(o, str) and o.strip() for o in options)):
+            problems.append((None, "'options' must be a non-empty list of non-empty strings "
+                                   "(the answer choices of a question) or null"))
         problems.extend((None, p) for p in _text_problems(rec))
         if problems:
             return sid, None, problems
         sample = Sample(id=sid, conversations=turns, media=media, task=meta["task"],
                         metric=meta["metric"], manifest=self.path, index=index,
-                        meta=rec.get("meta"), source=rec.get("source"))
+                        meta=rec.get("meta"), source=rec.get("source"),
+                        options=tuple(options) if options else None)
         return sid, sample, []
 
     def _id(self, rec: dict, problems: list) -> str | None:

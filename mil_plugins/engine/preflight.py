@@ -80,7 +80,31 @@ def preflight(recipe: dict, workers: int | None = None) -> list[CheckReport]:
                 f"preflight: {report.manifest}: {len(blocking)} bad sample(s) of {report.total}; "
                 f"first: {blocking[0].line()} (`mil check-data "
                 f"{recipe.get('_source', 'RECIPE')}` lists them all)")
+    try:
+        check_answer_choices(recipe)
+    except DataError as exc:
+        raise PreflightError(f"preflight: {exc}") from None
     return reports
+
+
+def check_answer_choices(recipe: dict) -> None:
+    """With ``eval.choices: sample``, every exact-match test sample lists its answer choices
+    (``options``) and its answer is one of them; else :class:`DataError` naming the first that
+    does not (found now, not when the stage is evaluated after training)."""
+    if recipe["eval"].get("choices") != "sample":
+        return
+    from mil_plugins.choices import CLOSED_SET_METRICS, metric_of, own_options
+    from mil_plugins.data.manifest import load_manifest
+
+    root = Path(recipe["data"]["root"])
+    plugins = recipe_plugins(recipe)
+    for stage in recipe["stages"]:
+        if not stage.get("test"):
+            continue
+        path = Path(stage["test"]) if Path(stage["test"]).is_absolute() else root / stage["test"]
+        for sample in load_manifest(path, root, plugins, on_error="skip").samples:
+            if metric_of(sample) in CLOSED_SET_METRICS:
+                own_options(sample)
 
 
 def run_check_recipe(path: str | Path, overrides: list[str], workers: int | None = None,

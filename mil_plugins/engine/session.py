@@ -186,7 +186,7 @@ class Session:
 
         placeholders = self.model.placeholders()
         return sample_options(samples, lambda sample, text: encode_answer(
-            sample, text, self.tokenizer, self.template, placeholders))
+            sample, text, self.tokenizer, self.template, placeholders), mode)
 
     def collator(self, mode: str):
         from mil_plugins.data import Collator

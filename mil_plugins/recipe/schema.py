@@ -169,8 +169,9 @@ EVAL = {
     "max_new_tokens": (int, 16),
     "unseen": (bool, False),                 # also score stages not trained yet (forward transfer)
     "baseline": (bool, False),               # score every stage before any training (b_i for FWT)
-    "choices": (Optional(str), None),        # null: generate answers; task: pick the likeliest of
-                                             # the task's answers (exact-match tasks; mil_plugins/choices.py)
+    "choices": (Optional(str), None),        # null: generate answers; task / sample: pick the
+                                             # likeliest of the task's answers / the sample's options
+                                             # (exact-match tasks; mil_plugins/choices.py)
 }
 
 OUTPUT = {
@@ -230,7 +231,7 @@ CHOICES = {
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("federated", "split"): ("task", "modality", "dirichlet", "pooled"),
     ("federated", "dirichlet_label"): ("task", "answer"),
-    ("eval", "choices"): ("task",),
+    ("eval", "choices"): ("task", "sample"),
 }
 
 
