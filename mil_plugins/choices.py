@@ -44,7 +44,8 @@ def task_of(sample: Any) -> str:
 
 
 def metric_of(sample: Any) -> str:
-    return (sample.get("metric") if isinstance(sample, Mapping) else sample.metric) or DEFAULT_METRIC
+    metric = sample.get("metric") if isinstance(sample, Mapping) else sample.metric
+    return metric or DEFAULT_METRIC
 
 
 def task_answer_sets(samples: Sequence[Any]) -> dict[str, list[str]]:
@@ -64,9 +65,12 @@ def own_options(sample: Any) -> list[str]:
     reference answer is not one of them (as exact match compares them)."""
     from mil_plugins.data.errors import DataError
 
-    options = sample.get("options") if isinstance(sample, Mapping) else getattr(sample, "options", None)
-    where = {"manifest": getattr(sample, "manifest", None), "sample_id": getattr(sample, "id", None),
-             "index": getattr(sample, "index", None)}
+    if isinstance(sample, Mapping):
+        options = sample.get("options")
+    else:
+        options = getattr(sample, "options", None)
+    where = {key: getattr(sample, attr, None)
+             for key, attr in (("manifest", "manifest"), ("sample_id", "id"), ("index", "index"))}
     if not options:
         raise DataError("eval.choices: sample needs the answer choices of every exact-match "
                         "question in its manifest ('options'); this one has none", **where)

@@ -278,8 +278,8 @@ class EvalSession:
         return self.session.load_samples(manifest, root)
 
     def answer_options(self, samples: list, choices: str | None = "recipe") -> list | None:
-        """As :meth:`Session.answer_options`, with ``choices`` (``"task"`` or None) in place of
-        the checkpoint recipe's ``eval.choices`` unless it is ``"recipe"``."""
+        """As :meth:`Session.answer_options`, with ``choices`` (``"task"``, ``"sample"`` or None)
+        in place of the checkpoint recipe's ``eval.choices`` unless it is ``"recipe"``."""
         if choices == "recipe":
             return self.session.answer_options(samples)
         ev = self.session.recipe["eval"]

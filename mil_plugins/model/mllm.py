@@ -359,7 +359,6 @@ class MultimodalLM(nn.Module):
             seqs = seqs[:, -max_new_tokens:]
         return seqs
 
-
     @torch.no_grad()
     def option_log_likelihoods(self, batch: Mapping[str, Any],
                                options: Sequence[Sequence[Sequence[int]]]) -> list[list[float]]:
