@@ -130,7 +130,14 @@ def test_mid_stage_resume_ends_like_an_uninterrupted_run(method, options, data_r
     if method in ("pathweave", "routed_experts"):
         assert any(method in k for k in a)
     for key in a:
-        assert a[key].equal(b[key]), key
+        if method == "harmony":
+            # On a CPU with AVX2 but no AVX-512, harmony's resumed steps land up to 4 float32
+            # ulps away (7e-9 on weights of 0.1; bit-identical on AVX-512 machines and for every
+            # other method): rounding, not lost state, which two steps at this learning rate
+            # would move by orders of magnitude more.
+            torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-8, msg=key)
+        else:
+            assert a[key].equal(b[key]), key
 
 
 @pytest.mark.parametrize("method", ["pathweave", "routed_experts"])
