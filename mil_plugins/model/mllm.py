@@ -324,6 +324,17 @@ class MultimodalLM(nn.Module):
         texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
+    def _prompt_inputs(self, batch: Mapping[str, Any]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings, attention mask and token-modality map of the batch's prompts, every row's
+        padding moved to the left (what generation and option scoring continue from)."""
+        embeds = self.embed(batch)
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        tmap = self.token_modality_map(batch["input_ids"].to(embeds.device))
+        return _left_align(embeds, mask.to(embeds.device), tmap)
+
     @torch.no_grad()
     def generate_ids(self, batch: Mapping[str, Any], max_new_tokens: int = 16,
                      **gen_kwargs: Any) -> torch.Tensor:
@@ -331,12 +342,7 @@ class MultimodalLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            embeds = self.embed(batch)
-            mask = batch.get("attention_mask")
-            if mask is None:
-                mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            tmap = self.token_modality_map(batch["input_ids"].to(embeds.device))
-            embeds, mask, tmap = _left_align(embeds, mask.to(embeds.device), tmap)
+            embeds, mask, tmap = self._prompt_inputs(batch)
             self.token_modality.prompt = tmap  # generated tokens are text (see layer_modules)
             tok = self.tokenizer
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -378,12 +384,7 @@ class MultimodalLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            embeds = self.embed(batch)
-            mask = batch.get("attention_mask")
-            if mask is None:
-                mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            tmap = self.token_modality_map(batch["input_ids"].to(embeds.device))
-            embeds, mask, tmap = _left_align(embeds, mask.to(embeds.device), tmap)
+            embeds, mask, tmap = self._prompt_inputs(batch)
             device = embeds.device
             rows = torch.tensor([i for i, opts in enumerate(options) for _ in opts], device=device)
             flat = [list(o) for opts in options for o in opts]
