@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from mil_plugins.benchmark import make_benchmark
+from _shared import benchmark
 from mil_plugins.benchmark.concepts import COLORS, SCENE_ATTRIBUTES, all_scenes, get_task
 from mil_plugins.benchmark.depth import read_depth
 from mil_plugins.benchmark.point import read_points
@@ -24,10 +24,8 @@ from mil_plugins.benchmark.video import read_frames
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bench_signal")
-    make_benchmark(out, size="tiny", seed=0)
-    return out
+def root() -> Path:
+    return benchmark("tiny", seed=0)  # what make_benchmark wrote, shared read-only
 
 
 def samples(root: Path, modality: str) -> list[dict]:

@@ -16,12 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from _shared import benchmark, torch_extensions
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -32,27 +33,20 @@ TWO_STAGES = ("stages=[{name: image, modality: image, train: image/train.json, t
 pytestmark = pytest.mark.slow
 
 
-#: DeepSpeed JIT-builds its CPU shared-memory allreduce op under torch's extension cache, guarded by
-#: a lock file; a build killed elsewhere leaves a stale lock that hangs every later build. The tests
-#: build into their own folder (about a minute, once per session).
-TORCH_EXTENSIONS = tempfile.mkdtemp(prefix="mil-torch-ext-")
-
-
-def env():
+def env(cmd: list | None = None):
     e = dict(os.environ)
     e.setdefault("MIL_NUM_THREADS", "1")
     e["PYTHONUNBUFFERED"] = "1"
-    e["TORCH_EXTENSIONS_DIR"] = TORCH_EXTENSIONS
+    if cmd and Path(str(cmd[0])).name == "deepspeed":
+        # DeepSpeed JIT-builds its CPU shared-memory allreduce op; built once for every launch
+        # (a stale lock of a killed build in a shared folder would hang every later build)
+        e["TORCH_EXTENSIONS_DIR"] = torch_extensions()
     return e
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    from mil_plugins.benchmark import make_benchmark
-
-    root = tmp_path_factory.mktemp("bench") / "mcl-tiny"
-    make_benchmark(root, size="tiny", seed=0)
-    return root
+def bench():
+    return benchmark("tiny", seed=0)  # shared and read-only: a test that writes works on a copy
 
 
 def common(bench, out, *extra, pretrain: tuple = ("encoder_pretraining=null",)):
@@ -61,7 +55,7 @@ def common(bench, out, *extra, pretrain: tuple = ("encoder_pretraining=null",)):
 
 
 def run(cmd, timeout=600, **kw):
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(cmd), capture_output=True, text=True,
                           timeout=timeout, **kw)
     assert proc.returncode == 0, f"{cmd}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     return proc
@@ -124,7 +118,7 @@ def shm_buffers_left(cmd: list[str]) -> list[str]:
 
 def kill_mid_stage(cmd: list[str], out: Path, stage: str, signum=signal.SIGKILL) -> None:
     """Start ``cmd`` and kill it once its rolling checkpoint is mid-way through ``stage``."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(cmd), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     state = out / "checkpoints" / "last" / "state.json"
     deadline = time.time() + 600
@@ -149,10 +143,13 @@ def step_losses(out: Path, stage: str | None = None) -> list[tuple[tuple[str, in
             if "loss" in r and (stage is None or r["stage"] == stage)]
 
 
+@pytest.mark.extended
 def test_deepspeed_two_ranks_train_the_same_model_as_one_process(bench, tmp_path):
     """1 process and 2 ranks see the same global batches, so (the loss being the global batch's
     token mean, not a mean of per-rank means) every step's loss agrees to 1e-4 for 56 steps, and
-    so do the scores."""
+    so do the scores. (Extended tier: the long regime of the default tier's
+    ``test_deepspeed_two_processes_match_single_process_and_resume``, which checks the same at
+    every one of its 22 steps.)"""
     pytest.importorskip("deepspeed")
     overrides = ["stages=[{name: audio, modality: audio, train: audio/train.json, test: audio/test.json}]",
                  "warmup.max_steps=4", "train.max_steps=56", "train.batch_size=8",
@@ -173,9 +170,13 @@ def test_deepspeed_two_ranks_train_the_same_model_as_one_process(bench, tmp_path
 
 
 def test_deepspeed_two_processes_match_single_process_and_resume(bench, tmp_path):
+    """1 process and 2 ranks (ZeRO-2) see the same global batches, so (the loss being the global
+    batch's token mean, not a mean of per-rank means) every logged step's loss agrees to 1e-4,
+    and so do the scores; killed mid-stage under the launcher and resumed under it, the run ends
+    the same; DeepSpeed's allreduce buffers are gone from /dev/shm either way."""
     pytest.importorskip("deepspeed")
     overrides = [TWO_STAGES, "warmup.max_steps=6", "train.max_steps=8", "train.batch_size=8",
-                 "train.save_every_steps=2"]
+                 "train.save_every_steps=2", "train.log_every_steps=1"]
     ds = ["train.deepspeed=recipes/deepspeed/zero2.json"]
     single, multi, killed = tmp_path / "single", tmp_path / "ds", tmp_path / "ds-killed"
     run([*TRAIN, str(QUICKSTART), *common(bench, single, *overrides)])
@@ -190,8 +191,12 @@ def test_deepspeed_two_processes_match_single_process_and_resume(bench, tmp_path
             if x is not None:
                 assert abs(x - y) <= 1.0, (a["accuracy_matrix"], b["accuracy_matrix"])
     loss_a, loss_b = step_losses(single), step_losses(multi)
+    assert len(step_losses(single, "audio")) == 8
     assert [k for k, _ in loss_a] == [k for k, _ in loss_b]
     assert max(abs(x - y) for (_, x), (_, y) in zip(loss_a, loss_b)) <= 1e-4
+    for stage, tasks in a["per_task"].items():
+        for task, score in tasks.items():
+            assert abs(score - b["per_task"][stage][task]) <= 3.0, (a["per_task"], b["per_task"])
 
     # killed mid-stage under the launcher, resumed under the launcher: the same result
     launch = deepspeed_cmd()

@@ -82,10 +82,9 @@ def test_quickstart_final_checkpoint_exports_to_transformers_llava(tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     from _tiny_run import tiny_args
 
-    from mil_plugins.benchmark import make_benchmark
+    from _shared import benchmark
 
-    data, out = tmp_path / "bench", tmp_path / "run"
-    make_benchmark(data, size="tiny", seed=0)
+    data, out = benchmark("tiny", seed=0), tmp_path / "run"  # shared, read-only
     env = {**os.environ, "MIL_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *tiny_args(data, out, stages=5)],
                    cwd=ROOT, env=env, check=True, capture_output=True, text=True)

@@ -222,12 +222,10 @@ def _federate(args: list[str], *flags: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from mil_plugins.benchmark import make_benchmark
+def data_root():
+    from _shared import benchmark
 
-    root = tmp_path_factory.mktemp("mcl-tiny")
-    make_benchmark(root, size="tiny", seed=0)
-    return root
+    return benchmark("tiny", seed=0)  # shared, read-only
 
 
 @pytest.fixture(scope="module")

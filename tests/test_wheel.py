@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from _shared import torch_extensions
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -123,7 +125,7 @@ def test_mil_train_from_the_wheel_through_the_deepspeed_launcher(installed, tmp_
     recipe = work / "quickstart.yaml"
     shutil.copy(ROOT / "recipes" / "quickstart.yaml", recipe)
     env = clean_env(MIL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                    TORCH_EXTENSIONS_DIR=tempfile.mkdtemp(prefix="mil-torch-ext-"))
+                    TORCH_EXTENSIONS_DIR=torch_extensions())
     train = [venv_bin / "mil", "train", recipe, f"data.root={work / 'bench'}", "data.generate=null",
              "encoder_pretraining=null", f"output.dir={work / 'run'}", "output.tensorboard=false",
              "warmup=null",
