@@ -170,10 +170,3 @@ def check_aggregator_plugin(name: str, obj: Any) -> None:
                         f"got {obj!r}")
     if obj.name != name:
         raise TypeError(f"{obj.__name__}.name is {obj.name!r} but it is registered as {name!r}")
-
-
-def build_aggregator(section: dict) -> Aggregator:
-    """The aggregator a recipe's ``federated`` section names, with its options."""
-    from mil_plugins.plugins import AGGREGATORS
-
-    return AGGREGATORS.get(section["aggregator"])(**(section.get("aggregator_options") or {}))

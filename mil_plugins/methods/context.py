@@ -49,7 +49,7 @@ class MethodContext:
     #: the dispatcher's ``before_forward`` (every method's routing); set by the engine
     before_forward: Callable[[dict], None] | None = None
     #: under ``mil federate``: ``{"client", "task", "round", "rounds"}`` of the client whose data
-    #: trains or is scored now (``task``: its task key, see mil_plugins.federated.split); else None
+    #: trains or is scored now (``task``: its task key, see mil_plugins.client_split); else None
     federation: dict | None = None
     #: a :class:`~mil_plugins.methods.teacher.TeacherSource` while a stage trains, when a method
     #: declares ``uses_teacher`` (or a zero-argument callable building the teacher)
