@@ -26,7 +26,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("mil_plugins.model",)),
     ("data", ("mil_plugins.data", "mil_plugins.choices", "mil_plugins.projectors",
               "mil_plugins.cache", "mil_plugins.benchmark", "mil_plugins.probe",
-              "mil_plugins.compare", "mil_plugins.report", "encoders")),
+              "mil_plugins.compare", "mil_plugins.report", "mil_plugins.report_tables",
+              "mil_plugins.report_plots", "encoders")),
     ("registry", ("mil_plugins.plugins",)),
     ("kinds", ("mil_plugins.modality", "mil_plugins.methods.base",
                "mil_plugins.methods.context", "mil_plugins.federated.aggregators")),
@@ -34,8 +35,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
 ]
 #: files still over 400 lines, each to be split by idea (docs/architecture.md, "Not done yet");
 #: the list may only shrink
-STILL_LONG = {"mil_plugins.model.mllm", "mil_plugins.report",
-              "encoders.point"}
+STILL_LONG = {"mil_plugins.model.mllm", "encoders.point"}
 LEVEL = {name: len(FLOORS) - i for i, (name, _) in enumerate(FLOORS)}
 
 
