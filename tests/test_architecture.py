@@ -141,3 +141,10 @@ def test_every_module_stands_on_a_floor():
 def test_no_file_over_400_lines():
     long = {m for m, p in modules().items() if len(p.read_text().splitlines()) > 400}
     assert long <= STILL_LONG, sorted(long - STILL_LONG)
+
+
+def test_no_script_over_400_lines():
+    """bench/ and tools/ too (scripts, not modules of a floor)."""
+    long = sorted(str(p.relative_to(ROOT)) for folder in ("bench", "tools")
+                  for p in (ROOT / folder).rglob("*.py") if len(p.read_text().splitlines()) > 400)
+    assert long == []
