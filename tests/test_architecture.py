@@ -29,7 +29,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
               "mil_plugins.compare", "mil_plugins.report", "mil_plugins.report_tables",
               "mil_plugins.report_plots", "encoders")),
     ("registry", ("mil_plugins.plugins",)),
-    ("kinds", ("mil_plugins.modality", "mil_plugins.methods.base",
+    ("kinds", ("mil_plugins.modality", "mil_plugins.kinds", "mil_plugins.methods.base",
                "mil_plugins.methods.context", "mil_plugins.federated.aggregators")),
     ("ground", ("mil_plugins",)),
 ]
