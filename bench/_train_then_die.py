@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
 
 
 def main(argv: list[str]) -> int:
+    from mil_plugins.cli import train as train_cli
     from mil_plugins.engine import run as run_mod
 
     stage, step, args = argv[0], int(argv[1]), argv[2:]
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> int:
             os._exit(137)
 
     run_mod.Runner._save = save_then_die
-    return run_mod.main(args)
+    return train_cli.main(args)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def routing(checkpoint: Path, batch_size: int = 32) -> dict:
-    from mil_plugins.engine.session import load_for_eval
+    from mil_plugins.engine.loading import load_for_eval
     from mil_plugins.methods.expansion import stage_key
 
     session = load_for_eval(checkpoint)

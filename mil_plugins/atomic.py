@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 __all__ = [
     "atomic_write_bytes",
@@ -66,15 +66,12 @@ def _replace(tmp: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp sibling, fsync, ``os.replace``). Returns the path."""
-    path = Path(path)
+def _write_via_temp(path: Path, write: Callable[[int, Path], None]) -> Path:
+    """A temp sibling of ``path`` that ``write(fd, tmp)`` fills and fsyncs (closing ``fd``), then
+    given the default permissions and ``os.replace``d over ``path``; removed if anything fails."""
     fd, tmp = _tmp_file(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(fd, tmp)
         _chmod_default(tmp)
         _replace(tmp, path)
     except BaseException:
@@ -82,6 +79,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             tmp.unlink()
         raise
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp sibling, fsync, ``os.replace``). Returns the path."""
+
+    def write(fd: int, tmp: Path) -> None:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return _write_via_temp(Path(path), write)
 
 
 def _read_umask() -> int:
@@ -174,19 +183,13 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
     if metadata is not None:
         meta = {str(k): v if isinstance(v, str) else json.dumps(to_jsonable(v)) for k, v in metadata.items()}
 
-    fd, tmp = _tmp_file(path)
-    os.close(fd)
-    try:
+    def write(fd: int, tmp: Path) -> None:
+        os.close(fd)
         save_file(prepared, str(tmp), metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        _chmod_default(tmp)
-        _replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return path
+
+    return _write_via_temp(path, write)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from mil_plugins.evaluate import DEFAULT_METRIC
-from mil_plugins.scoring import normalize_answer
+from mil_plugins.scoring import DEFAULT_METRIC, normalize_answer
 
 #: the modes of ``eval.choices``; ``None`` is free generation
 MODES = ("task", "sample")

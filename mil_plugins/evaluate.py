@@ -7,8 +7,6 @@ predictions gathered, so evaluation works the same in one process and under Deep
 
 from __future__ import annotations
 
-import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -16,9 +14,9 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from mil_plugins.scoring import score
+from mil_plugins.scoring import DEFAULT_METRIC, score
 
-DEFAULT_METRIC = "exact_match"
+__all__ = ["DEFAULT_METRIC", "answer_batch", "predict", "score_predictions", "select_rows"]
 
 
 @torch.no_grad()
@@ -135,32 +133,3 @@ def score_predictions(rows: list[dict]) -> dict:
     overall = sum(tasks.values()) / len(tasks) if tasks else None
     se = mean_standard_error(list(task_se.values())) if tasks else None
     return {"score": overall, "tasks": tasks, "n": len(rows), "se": se, "task_se": task_se}
-
-
-def eval_checkpoint_cli(checkpoint: Path, manifests: list[Path], root: Path | None = None,
-                        batch_size: int = 16, out: str | None = None,
-                        choices: str | None = "recipe") -> int:
-    """``mil eval CHECKPOINT MANIFEST...``: rebuild the model of a stage checkpoint and score it
-    (answers generated or chosen as ``choices`` says: ``"task"``, None, or ``"recipe"``: as the
-    checkpoint's ``eval.choices``)."""
-    from mil_plugins.engine.session import load_for_eval
-
-    session = load_for_eval(checkpoint)
-    results = {}
-    for manifest in manifests:
-        samples = session.load_samples(manifest.resolve(), root)
-        rows = predict(session.model, samples, session.make_loader, methods=session.methods,
-                       ctx=session.ctx, batch_size=batch_size,
-                       max_new_tokens=session.recipe["eval"]["max_new_tokens"], desc=manifest.name,
-                       options=session.answer_options(samples, choices))
-        results[str(manifest)] = score_predictions(rows)
-        result = results[str(manifest)]
-        tasks = ", ".join(f"{t} {s:.1f}" for t, s in result["tasks"].items())
-        print(f"{manifest}: {result['score']:.2f} over {result['n']} samples ({tasks})")
-    if out:
-        from mil_plugins.atomic import atomic_write_json
-        atomic_write_json(out, results)
-    else:
-        json.dump(results, sys.stdout, indent=2)
-        print()
-    return 0

@@ -20,110 +20,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from mil_plugins.integrations.hf_llava import export_hf
+from mil_plugins.integrations.llava_projector import export_llava, export_llava_one
 
-from mil_plugins.atomic import atomic_save_safetensors, atomic_write_json
-from mil_plugins.projectors.convert import save_llava_projector
-
-
-def _check_exact(model, modality: str, ptype: str, state: dict) -> None:
-    """The exported projector must reproduce the connector's output for this modality."""
-    from mil_plugins.projectors import build_projector
-
-    enc_hidden = model.connector.enc_hidden[modality]
-    hidden = model.llm.get_input_embeddings().weight.shape[1]
-    proj = build_projector(ptype, enc_hidden, hidden)
-    proj.load_state_dict(state)
-    proj.to(dtype=next(model.connector.parameters()).dtype)
-    x = torch.randn(2, 3, enc_hidden, dtype=next(model.connector.parameters()).dtype)
-    with torch.no_grad():
-        ours = model.connector(modality, x)
-        theirs = proj(x)
-    if not torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4):
-        raise ValueError(f"the {modality!r} connector is not a plain LLaVA projector (a method "
-                         f"wrapped it with adapters or gates); its LLaVA export would not be exact")
-
-
-def export_llava(model, out: Path) -> list[Path]:
-    written = []
-    for modality in model.connector.modalities:
-        written.extend(export_llava_one(model, modality, out / modality))
-    return written
-
-
-def export_hf(model, out: Path) -> list[Path]:
-    from mil_plugins.model.hf_llava import to_hf_llava
-
-    inside = sorted(k for k in getattr(model, "layer_modules", {}) if k.startswith("llm-"))
-    if inside:
-        raise ValueError(f"a method put modules inside the LLM's layers ({inside[0]}, ...); "
-                         f"LlavaForConditionalGeneration has no place for them, so an HF export "
-                         f"would not be exact")
-    llava = to_hf_llava(model)
-    out.mkdir(parents=True, exist_ok=True)
-    llava.save_pretrained(str(out), safe_serialization=True)
-    model.tokenizer.save_pretrained(str(out))
-    written = [out / "config.json"]
-    for modality in model.connector.modalities:
-        if modality == "image":
-            continue
-        target = out / "modalities" / modality
-        atomic_save_safetensors(target / "encoder.safetensors", model.encoders[modality].state_dict())
-        atomic_write_json(target / "plugin.json", model.plugins[modality].config())
-        written.extend(export_llava_one(model, modality, target))
-    return written
-
-
-def _check_exact_mixed(model, modality: str, ptype: str, state: dict, mixer: dict) -> None:
-    """Token-mixing connector: mixer then the LLaVA projector must reproduce its output."""
-    from mil_plugins.projectors import build_projector
-
-    conn = model.connector
-    dtype = next(conn.parameters()).dtype
-    proj = build_projector(ptype, conn.shared_dim, model.llm.get_input_embeddings().weight.shape[1])
-    proj.load_state_dict(state)
-    proj.to(dtype=dtype)
-    x = torch.randn(2, conn.in_tokens[modality], conn.enc_hidden[modality], dtype=dtype)
-    with torch.no_grad():
-        mixed = torch.nn.functional.linear(x.reshape(2, -1), mixer["weight"], mixer["bias"])
-        theirs = proj(mixed.view(2, conn.mix_tokens_of(modality), conn.shared_dim))
-        ours = conn(modality, x)
-    if not torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4):
-        raise ValueError(f"the {modality!r} connector is not a token mixer + plain LLaVA projector "
-                         f"(a method wrapped it); its LLaVA export would not be exact")
-
-
-def export_llava_one(model, modality: str, out: Path) -> list[Path]:
-    """LLaVA projector files for ``modality``. A token-mixing connector (``mix_tokens``) has no
-    per-token equivalent: the shared projector is written in LLaVA's layout (``mm_hidden_size`` =
-    the shared width) and the mixer beside it, ``mm_input_layer.safetensors`` (``weight [K*S,
-    T*D]``, ``bias``: flattened encoder features -> K tokens of width S), named in the config."""
-    hidden = model.llm.get_input_embeddings().weight.shape[1]
-    conn = model.connector
-    plugin = model.plugins[modality]
-    extra = {"mm_modality": modality, "mm_placeholder": plugin.placeholder,
-             "mm_num_tokens": model.num_tokens[modality], "mm_encoder": plugin.config()}
-    written = []
-    if conn.mode == "shared" and conn.mix_tokens_of(modality):
-        ptype, mm_hidden, state = conn.llava_projector_state(modality, fold_input_layer=False)
-        mixer = conn.mixer_state(modality)
-        _check_exact_mixed(model, modality, ptype, state, mixer)
-        written.append(atomic_save_safetensors(out / "mm_input_layer.safetensors", mixer))
-        extra["mm_input_layer"] = {"type": "token_mixer", "file": "mm_input_layer.safetensors",
-                                   "encoder_tokens": conn.in_tokens[modality],
-                                   "encoder_hidden_size": conn.enc_hidden[modality],
-                                   "tokens": conn.mix_tokens_of(modality)}
-    else:
-        ptype, mm_hidden, state = conn.llava_projector_state(
-            modality, fold_input_layer=conn.mode == "shared")
-        _check_exact(model, modality, ptype, state)
-    written.insert(0, save_llava_projector(out, state, projector_type=ptype, mm_hidden_size=mm_hidden,
-                                           hidden_size=hidden, extra_config=extra))
-    return written
+__all__ = ["export_checkpoint", "export_hf", "export_llava", "export_llava_one"]
 
 
 def export_checkpoint(checkpoint: Path, to: str, out: Path) -> list[Path]:
-    from mil_plugins.engine.session import load_for_eval
+    from mil_plugins.engine.loading import load_for_eval
 
     session = load_for_eval(checkpoint)
     if to == "llava":

@@ -16,7 +16,7 @@ from mil_plugins.registry import Registry
 
 
 def _check_method(name: str, obj: Any) -> None:
-    from mil_plugins.methods.base import check_method_plugin  # torch: only when a plugin loads
+    from mil_plugins.kinds.method import check_method_plugin  # torch: only when a plugin loads
 
     check_method_plugin(name, obj)
 
@@ -34,7 +34,7 @@ def _check_projector(name: str, obj: Any) -> None:
 
 
 def _check_aggregator(name: str, obj: Any) -> None:
-    from mil_plugins.federated.aggregators import check_aggregator_plugin  # torch: only when loaded
+    from mil_plugins.kinds.aggregator import check_aggregator_plugin  # torch: only when loaded
 
     check_aggregator_plugin(name, obj)
 

@@ -30,7 +30,6 @@ Plots are drawn with matplotlib's Agg canvas directly (no pyplot, no global back
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -38,7 +37,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mil_plugins.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from mil_plugins.metrics import compute_all, stage_average_accuracy
+from mil_plugins.metrics import compute_all, stage_average_accuracy  # noqa: F401
+from mil_plugins.report_plots import _plot_curves, _plot_matrix, _png  # noqa: F401
+from mil_plugins.report_tables import (_fmt, _fmt_int, _fmt_seconds, _fmt_signed,  # noqa: F401
+                                       _human_count, _md, _num, _padded, _square, _table,
+                                       _unit_scale, _validate, _values)
 
 __all__ = ["write_report", "render_markdown", "compare_runs", "REPORT_FILES"]
 
@@ -65,114 +68,6 @@ _METRIC_ROWS = (
     ("MFN", "MFN", "mean score on every stage after the last stage (MCITlib)"),
     ("MAA", "MAA", "mean over stages of the average score on the stages seen so far (MCITlib)"),
 )
-
-
-# ----------------------------------------------------------------------------------- helpers
-
-
-def _num(x: Any) -> float | None:
-    if x is None:
-        return None
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(x) else x
-
-
-def _square(R: Sequence[Sequence[Any]], n: int) -> list[list[float | None]]:
-    """R padded with None to ``len(R)`` rows x ``n`` columns, NaN -> None."""
-    out = []
-    for row in R:
-        row = list(row) if row is not None else []
-        out.append([_num(row[j]) if j < len(row) else None for j in range(n)])
-    return out
-
-
-def _values(R: list[list[float | None]], extra: Sequence[Any] = ()) -> list[float]:
-    vals = [v for row in R for v in row if v is not None]
-    vals += [v for v in (_num(x) for x in extra) if v is not None]
-    return vals
-
-
-def _unit_scale(vals: Sequence[float]) -> bool:
-    """True when every score lies in [0, 1] (scores given as fractions, not percentages)."""
-    return bool(vals) and all(-1.0 <= v <= 1.0 for v in vals)
-
-
-def _fmt(x: Any, digits: int) -> str:
-    v = _num(x)
-    return "—" if v is None else f"{v:.{digits}f}"
-
-
-def _fmt_signed(x: Any, digits: int) -> str:
-    v = _num(x)
-    return "—" if v is None else f"{v:+.{digits}f}"
-
-
-def _fmt_int(x: Any) -> str:
-    v = _num(x)
-    return "—" if v is None else f"{int(round(v)):,}"
-
-
-def _human_count(x: float | None) -> str:
-    if x is None:
-        return "—"
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{suffix}"
-    return f"{int(x)}"
-
-
-def _fmt_seconds(x: Any) -> str:
-    v = _num(x)
-    if v is None:
-        return "—"
-    if v < 60:
-        return f"{v:.1f} s"
-    m, s = divmod(int(round(v)), 60)
-    if m < 60:
-        return f"{m}m {s:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h {m:02d}m {s:02d}s"
-
-
-def _md(s: Any) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> list[str]:
-    sep = {"l": "---", "r": "---:", "c": ":---:"}
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(sep[a] for a in align) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lines
-
-
-def _padded(xs: Sequence[Any] | None, n: int) -> list[Any]:
-    xs = list(xs) if xs is not None else []
-    return [xs[i] if i < len(xs) else None for i in range(n)]
-
-
-def _validate(result: Mapping[str, Any]) -> tuple[list[str], list[str], list[list[Any]]]:
-    for key in ("stages", "accuracy_matrix"):
-        if key not in result:
-            raise ValueError(f"result has no {key!r} (keys: {sorted(result)})")
-    stages = [str(s) for s in result["stages"]]
-    n = len(stages)
-    modalities = list(result.get("modalities") or [None] * n)
-    if len(modalities) != n:
-        raise ValueError(f"{n} stages but {len(modalities)} modalities")
-    R = [list(row) if row is not None else [] for row in result["accuracy_matrix"]]
-    if len(R) > n:
-        raise ValueError(f"accuracy_matrix has {len(R)} rows but there are only {n} stages")
-    for i, row in enumerate(R):
-        if len(row) > n:
-            raise ValueError(f"accuracy_matrix row {i} has {len(row)} entries but there are {n} stages")
-    for key in ("baseline", "trainable_parameters", "seconds"):
-        v = result.get(key)
-        if v is not None and len(v) > n:
-            raise ValueError(f"{key} has {len(v)} entries but there are {n} stages")
-    return stages, [str(m) if m is not None else "" for m in modalities], R
 
 
 # ------------------------------------------------------------------------------------ report
@@ -291,89 +186,6 @@ def render_markdown(payload: Mapping[str, Any]) -> str:
 
     lines += ["Plots: `accuracy_matrix.png`, `accuracy_curves.png`. Numbers: `metrics.json`.", ""]
     return "\n".join(lines)
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    return buf.getvalue()
-
-
-def _plot_matrix(payload: Mapping[str, Any]) -> bytes:
-    import matplotlib
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    stages = payload["stages"]
-    n = len(stages)
-    R = _square(payload["accuracy_matrix"], n)
-    T = len(R)
-    vals = _values(R)
-    unit = _unit_scale(vals)
-    vmax = 1.0 if unit else max([100.0] + vals)
-    digits = 2 if unit else 1
-
-    data = np.ma.masked_invalid(np.array([[np.nan if v is None else v for v in row] for row in R] or [[np.nan] * n],
-                                         dtype=float))
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
-
-    fig = Figure(figsize=(max(4.0, 1.1 * n + 2.5), max(2.5, 0.8 * max(T, 1) + 1.8)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
-    for i in range(T):
-        for j in range(n):
-            v = R[i][j]
-            if v is None:
-                continue
-            dark = (v / vmax) < 0.6 if vmax else True
-            ax.text(j, i, f"{v:.{digits}f}", ha="center", va="center", fontsize=9,
-                    color="white" if dark else "black")
-    ax.set_xticks(range(n))
-    ax.set_xticklabels(stages, rotation=30, ha="right")
-    ax.set_yticks(range(max(T, 1)))
-    ax.set_yticklabels([f"after {s}" for s in stages[:T]] or [""])
-    ax.set_xlabel("evaluated on")
-    ax.set_title(f"Accuracy matrix: {payload.get('method') or ''}".rstrip(": "))
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _plot_curves(payload: Mapping[str, Any]) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    stages = payload["stages"]
-    n = len(stages)
-    R = _square(payload["accuracy_matrix"], n)
-    T = len(R)
-
-    fig = Figure(figsize=(max(5.0, 1.0 * T + 3.5), 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for j in range(min(n, T)):
-        pts = [(i, R[i][j]) for i in range(j, T) if R[i][j] is not None]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=stages[j])
-    avg = [(t, stage_average_accuracy(R, t)) for t in range(T)]
-    avg = [(t, a) for t, a in avg if a is not None]
-    if avg:
-        xs, ys = zip(*avg)
-        ax.plot(xs, ys, "k--", marker="s", linewidth=2, label="average (seen stages)")
-    ax.set_xticks(range(max(T, 1)))
-    ax.set_xticklabels(stages[:T] or [""], rotation=30, ha="right")
-    ax.set_xlim(-0.3, max(T - 1, 0) + 0.3)
-    ax.set_xlabel("after stage")
-    ax.set_ylabel("score")
-    ax.set_title(f"Scores over training: {payload.get('method') or ''}".rstrip(": "))
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return _png(fig)
 
 
 def write_report(out_dir: str | os.PathLike, result: Mapping[str, Any]) -> dict[str, Path]:

@@ -28,6 +28,9 @@ import re
 import unicodedata
 from typing import Iterable, Sequence
 
+#: the metric of a sample whose manifest names none
+DEFAULT_METRIC = "exact_match"
+
 __all__ = [
     "METRICS",
     "normalize_answer",

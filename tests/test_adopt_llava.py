@@ -61,7 +61,7 @@ def test_recipe_adopts_a_llava_checkpoint_and_adds_a_modality(tiny_llava, tmp_pa
     assert metrics["stages"] == ["image", "audio"]
     assert all(v is not None for v in (metrics["accuracy_matrix"][1][0], metrics["accuracy_matrix"][1][1]))
 
-    from mil_plugins.engine.session import load_for_eval
+    from mil_plugins.engine.loading import load_for_eval
     from transformers import LlavaForConditionalGeneration
 
     session = load_for_eval(out / "checkpoints" / "stage-02-audio")

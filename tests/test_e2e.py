@@ -279,7 +279,7 @@ def test_closed_set_answers_in_a_run_and_from_its_checkpoint(bench, tmp_path):
 
     # every closed-set prediction is one of its task's answers
     from mil_plugins.choices import task_answer_sets
-    from mil_plugins.engine.session import load_for_eval
+    from mil_plugins.engine.loading import load_for_eval
     from mil_plugins.evaluate import predict
 
     session = load_for_eval(ckpt)

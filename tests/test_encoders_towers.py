@@ -165,7 +165,7 @@ def test_timm_and_clip_tower_features_feed_stages(tmp_path):
     from timm.models.vision_transformer import VisionTransformer
 
     from mil_plugins.benchmark import make_benchmark
-    from mil_plugins.engine.session import load_for_eval
+    from mil_plugins.engine.loading import load_for_eval
 
     data, out = tmp_path / "bench", tmp_path / "run"
     make_benchmark(data, size="tiny", seed=0, modalities=["image", "video"])

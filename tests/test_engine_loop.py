@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mil_plugins.engine.loop import PlainBackend, epoch_order, rank_micro_batches
-from mil_plugins.engine.optim import make_scheduler, param_groups
+from mil_plugins.optim import make_scheduler, param_groups
 
 
 def test_epoch_order_is_a_seeded_padded_permutation():

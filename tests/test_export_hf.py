@@ -21,7 +21,7 @@ def test_export_to_transformers_llava_gives_equal_logits(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
     from mil_plugins.benchmark import make_benchmark
-    from mil_plugins.engine.session import load_for_eval
+    from mil_plugins.engine.loading import load_for_eval
 
     torch.manual_seed(0)
     clip_dir = tmp_path / "tiny-clip"
@@ -62,7 +62,7 @@ def test_export_to_transformers_llava_gives_equal_logits(tmp_path):
 def _logits_ours_and_theirs(ckpt: Path, export: Path, data: Path):
     from transformers import LlavaForConditionalGeneration
 
-    from mil_plugins.engine.session import load_for_eval
+    from mil_plugins.engine.loading import load_for_eval
 
     llava = LlavaForConditionalGeneration.from_pretrained(str(export)).eval()
     session = load_for_eval(ckpt)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from mil_plugins.benchmark import make_benchmark
-    from mil_plugins.engine.run import main
+    from mil_plugins.cli.train import main
 
     root = tmp_path_factory.mktemp("bench") / "mcl-tiny"
     make_benchmark(root, size="tiny", seed=0, modalities=["image"])
@@ -35,7 +35,7 @@ def test_peft_adapter_loads_and_matches_the_trained_llm(checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from mil_plugins.cli import main as mil
-    from mil_plugins.engine.session import load_for_eval
+    from mil_plugins.engine.loading import load_for_eval
 
     out = tmp_path / "adapter"
     assert mil(["export", str(checkpoint), "--to", "peft", str(out)]) == 0

@@ -147,7 +147,7 @@ def _section(**kw):
 
 
 def test_split_by_task_gives_each_client_its_own_task():
-    from mil_plugins.federated.split import split_clients, task_keys
+    from mil_plugins.client_split import split_clients, task_keys
 
     stages = [_stage("image", "image", ["shape", "color", "caption"], n=6)]
     clients = split_clients(_section(), stages, seed=0)
@@ -160,7 +160,7 @@ def test_split_by_task_gives_each_client_its_own_task():
 
 
 def test_split_by_modality_pooled_and_dirichlet():
-    from mil_plugins.federated.split import split_clients
+    from mil_plugins.client_split import split_clients
 
     stages = [_stage("image", "image", ["shape"]), _stage("audio", "audio", ["pitch"])]
     by_mod = split_clients(_section(clients=2, split="modality"), stages, seed=0)
@@ -411,7 +411,7 @@ def test_deployment_engine_over_loopback(data_root, tmp_path):
 
 
 def test_only_the_flower_integration_imports_flwr():
-    code = ("import sys; import mil_plugins.federated.server, mil_plugins.federated.cli, "
+    code = ("import sys; import mil_plugins.federated.server, mil_plugins.cli.federate, "
             "mil_plugins.methods.pilot, mil_plugins.federated.aggregators; "
             "print('flwr' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from _model_fixtures import make_tokenizer, one_thread
-from mil_plugins.model.hf_llava import HFVisionTowerEncoder, LlavaVisionPlugin, from_hf_llava, to_hf_llava
+from mil_plugins.integrations.hf_llava import from_hf_llava, to_hf_llava
+from mil_plugins.model.hf_llava import HFVisionTowerEncoder, LlavaVisionPlugin
 
 
 @pytest.fixture(autouse=True, scope="module")

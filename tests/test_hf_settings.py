@@ -15,7 +15,7 @@ import torch
 
 from mil_plugins.engine.distributed import (fill_deepspeed_config, global_batch_size,
                                             resolve_deepspeed_config)
-from mil_plugins.engine.optim import make_scheduler
+from mil_plugins.optim import make_scheduler
 from mil_plugins.recipe import RecipeError, load_recipe
 from mil_plugins.recipe import schema as S
 from mil_plugins.recipe.hf_names import ALIASES, HF_SAME_NAME
@@ -185,7 +185,7 @@ def test_shipped_deepspeed_configs_are_found_by_name_from_anywhere(tmp_path, mon
 
 def test_train_commands_take_the_launchers_local_rank_and_deepspeed():
     from mil_plugins.cli import build_parser
-    from mil_plugins.engine.run import parse_args
+    from mil_plugins.cli.train import parse_args
 
     args = build_parser().parse_args(["train", "r.yaml", "a.b=1", "--local_rank=0", "--deepspeed",
                                       "ds.json"])

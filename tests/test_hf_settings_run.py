@@ -43,7 +43,7 @@ def bench(tmp_path_factory):
 
 
 def run(bench, out, *extra):
-    from mil_plugins.engine.run import main
+    from mil_plugins.cli.train import main
 
     threads = torch.get_num_threads()
     try:

@@ -214,7 +214,7 @@ def test_a_recipe_can_start_from_a_llava_original_directory(llava_dir):
     """model.llm.llava accepts a LLaVA-original directory too (build_from_llava)."""
     from transformers import AutoTokenizer
 
-    from mil_plugins.model.hf_llava import build_from_llava
+    from mil_plugins.integrations.hf_llava import build_from_llava
 
     model = build_from_llava(str(llava_dir), AutoTokenizer.from_pretrained(str(llava_dir)),
                              {"image": {}, "audio": AUDIO})

@@ -51,7 +51,7 @@ def test_llava_dir_recipe_audio_stage_and_export_back(tmp_path):
                    cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     from llava.model import LlavaLlamaForCausalLM
 
-    from mil_plugins.engine.session import load_for_eval
+    from mil_plugins.engine.loading import load_for_eval
     from mil_plugins.integrations.llava_fork import (load_fork_modalities, placeholder_indices,
                                                      tokenizer_multimodal_token)
 

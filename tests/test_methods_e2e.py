@@ -49,7 +49,7 @@ def _args(data_root: Path, out: Path, method: str, options: dict | None = None) 
 
 
 def _run(args: list[str]) -> dict:
-    from mil_plugins.engine.run import main
+    from mil_plugins.cli.train import main
 
     assert main(args) == 0
     out = Path(next(a for a in args if a.startswith("output.dir=")).split("=", 1)[1])

@@ -50,7 +50,7 @@ def _args(data_root: Path, out: Path) -> list[str]:
 
 
 def _run(args: list[str]) -> dict:
-    from mil_plugins.engine.run import main
+    from mil_plugins.cli.train import main
 
     assert main(args) == 0
     out = Path(next(a for a in args if a.startswith("output.dir=")).split("=", 1)[1])

@@ -41,7 +41,7 @@ def bench(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished(bench, tmp_path_factory):
     """A finished two-stage run (its folder is copied by each test)."""
-    from mil_plugins.engine.run import main
+    from mil_plugins.cli.train import main
 
     out = tmp_path_factory.mktemp("runs") / "done"
     assert main(tiny_args(bench, out)) == 0
@@ -50,7 +50,7 @@ def finished(bench, tmp_path_factory):
 
 def train(args: list[str], capsys) -> tuple[int, str]:
     from mil_plugins.cli import run_friendly
-    from mil_plugins.engine.run import main
+    from mil_plugins.cli.train import main
 
     rc = run_friendly(main, args)
     err = capsys.readouterr().err

@@ -106,7 +106,7 @@ def test_the_wheel_holds_the_packages_and_the_deepspeed_configs(installed):
     names = set(zipfile.ZipFile(wheel).namelist())
     for config in ("zero0", "zero2", "zero2_offload", "zero3", "zero3_offload"):
         assert f"mil_plugins/recipe/deepspeed/{config}.json" in names
-    assert "encoders/image.py" in names and "mil_plugins/cli.py" in names
+    assert "encoders/image.py" in names and "mil_plugins/cli/__init__.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "mil = mil_plugins.cli:main" in text and "[mil_plugins.modalities]" in text

@@ -11,7 +11,7 @@ The deepspeed launcher's ``--local_rank`` is accepted and ignored (ranks come fr
 import sys
 
 from mil_plugins.cli import run_friendly
-from mil_plugins.engine.run import main
+from mil_plugins.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(run_friendly(main, sys.argv[1:]))

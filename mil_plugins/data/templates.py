@@ -136,37 +136,33 @@ class Template:
                          "[INST] [/INST] <<SYS>> <</SYS>>" if self.style == "llama_2" else ""])
 
 
-def _render_two(t: Template, system: str, rounds) -> list[Segment]:
-    user, assistant = t.roles
+def _alternate(rounds, prefix: str, ask, answer) -> list[Segment]:
+    """``(prefix + ask(question), False), (answer(answer), True)`` per round; the prefix (the
+    system text) goes before the first question only."""
     segments = []
-    prefix = system + t.sep if system else ""
-    for question, answer in rounds:
-        segments.append((f"{prefix}{user}: {question}{t.sep}{assistant}:", False))
-        segments.append((f" {answer}{t.sep2}", True))
+    for question, reply in rounds:
+        segments.append((prefix + ask(question), False))
+        segments.append((answer(reply), True))
         prefix = ""
     return segments
+
+
+def _render_two(t: Template, system: str, rounds) -> list[Segment]:
+    user, assistant = t.roles
+    return _alternate(rounds, system + t.sep if system else "",
+                      lambda q: f"{user}: {q}{t.sep}{assistant}:", lambda a: f" {a}{t.sep2}")
 
 
 def _render_single(t: Template, system: str, rounds) -> list[Segment]:
     user, assistant = t.roles
-    segments = []
-    prefix = system + t.sep
-    for question, answer in rounds:
-        segments.append((f"{prefix}{user}: {question}{t.sep}{assistant}:", False))
-        segments.append((f" {answer}{t.sep}", True))
-        prefix = ""
-    return segments
+    return _alternate(rounds, system + t.sep,
+                      lambda q: f"{user}: {q}{t.sep}{assistant}:", lambda a: f" {a}{t.sep}")
 
 
 def _render_mpt(t: Template, system: str, rounds) -> list[Segment]:
     user, assistant = t.roles
-    segments = []
-    prefix = system + t.sep
-    for question, answer in rounds:
-        segments.append((f"{prefix}{user}{question}{t.sep}{assistant}", False))
-        segments.append((f"{answer}{t.sep}", True))
-        prefix = ""
-    return segments
+    return _alternate(rounds, system + t.sep,
+                      lambda q: f"{user}{q}{t.sep}{assistant}", lambda a: f"{a}{t.sep}")
 
 
 def _render_llama_2(t: Template, system: str, rounds) -> list[Segment]:

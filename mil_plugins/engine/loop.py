@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from mil_plugins.engine.batches import micro_batch_stream
 from mil_plugins.engine.distributed import global_batch_size
-from mil_plugins.engine.optim import make_scheduler, param_groups
+from mil_plugins.optim import make_scheduler, param_groups
 from mil_plugins.methods.dispatch import MethodHooks
 
 

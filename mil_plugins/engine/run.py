@@ -1,19 +1,16 @@
 """Run a recipe: build everything from it, train stage after stage, evaluate, report.
 
 ``deepspeed tools/train.py RECIPE [key=value ...]``, ``python tools/train.py RECIPE ...`` and
-``mil train RECIPE ...`` all end here (:func:`main`).
+``mil train RECIPE ...`` all end here (:class:`Runner`), through :func:`mil_plugins.cli.train.main`,
+which parses the command line and prints.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from mil_plugins.engine import checkpoint as ckpt
 from mil_plugins.engine.distributed import (fill_deepspeed_config, init_distributed,
@@ -26,10 +23,8 @@ from mil_plugins.engine.rundir import RunFolder
 from mil_plugins.engine.session import Session
 from mil_plugins.engine.steps import evaluate_samples, prepare_data, stage_plan
 from mil_plugins.engine.trainable import apply_trainable, group_names
-from mil_plugins.launcher_args import add_launcher_args
 from mil_plugins.methods.context import Stage
 from mil_plugins.methods.teacher import TeacherSource
-from mil_plugins.recipe import load_recipe
 
 
 #: where a mid-stage checkpoint keeps the teacher's stage-start weights (beside the methods' states)
@@ -285,47 +280,3 @@ class Runner:
             result["baseline"] = s["baseline"]
         write_report(self.out, result)
         return json.loads((self.out / "metrics.json").read_text())
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train.py", description="Run a mil-plugins recipe.")
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over in an output.dir that holds another run's results "
-                             "(deletes them)")
-    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
-                        help="with --resume: allow this recipe key to differ from the checkpoint's "
-                             "(only keys that do not change what is learned, e.g. "
-                             "train.log_every_steps)")
-    add_launcher_args(parser)
-    return parser.parse_intermixed_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.deepspeed:
-        args.overrides.append(f"train.deepspeed={args.deepspeed}")
-    recipe = load_recipe(args.recipe, args.overrides)
-    threads = os.environ.get("MIL_NUM_THREADS") or recipe["train"]["num_threads"]
-    if threads:
-        torch.set_num_threads(int(threads))
-    if args.allow_change and not args.resume:
-        raise ValueError("--allow-change only applies with --resume")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume continues the run in output.dir, --overwrite deletes it: "
-                         "give one of them")
-    runner = Runner(recipe, resume=args.resume, overwrite=args.overwrite,
-                    allow_changes=args.allow_change)
-    try:
-        metrics = runner.run()
-    finally:
-        runner.folder.release()
-    if runner.dist.is_main:
-        out = Path(recipe["output"]["dir"])
-        print(f"[mil] done: {out / 'report.md'}")
-        if metrics:
-            print(f"[mil] final average accuracy {metrics.get('final_average_accuracy')}, "
-                  f"forgetting {metrics.get('forgetting')}")
-    return 0

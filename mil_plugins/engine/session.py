@@ -1,5 +1,6 @@
-"""What a recipe builds: plugins, data, tokenizer, model, methods and loaders (:class:`Session`),
-and a stage checkpoint rebuilt for ``mil eval`` / ``mil export`` (:class:`EvalSession`)."""
+"""What a recipe builds: plugins, data, tokenizer, model, methods and loaders (:class:`Session`).
+
+A stage checkpoint rebuilt for ``mil eval`` / ``mil export`` is :mod:`mil_plugins.engine.loading`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from mil_plugins.engine import checkpoint as ckpt
 from mil_plugins.engine.distributed import Dist
 from mil_plugins.engine.trainable import group_names
 from mil_plugins.methods.context import MethodContext, Stage
@@ -87,7 +87,7 @@ class Session:
         m = self.recipe["model"]
         conn = dict(m["connector"])
         if m["llm"]["llava"]:
-            from mil_plugins.model.hf_llava import build_from_llava
+            from mil_plugins.integrations.hf_llava import build_from_llava
 
             if conn["mode"] != "per_modality":
                 raise ValueError("model.llm.llava: an adopted Llava keeps its own image projector; "
@@ -257,38 +257,3 @@ class Session:
         with torch.no_grad():
             for key, value in loaded["weights"].items():
                 params[key].copy_(value.to(params[key].dtype))
-
-
-class EvalSession:
-    """A stage checkpoint rebuilt for scoring (``mil eval``) or export."""
-
-    def __init__(self, checkpoint: Path):
-        loaded = ckpt.read_checkpoint(checkpoint)
-        self.recipe = loaded["recipe"]
-        self.dist = Dist()
-        self.session = Session(self.recipe, self.dist, tokenizer_dir=loaded["tokenizer_dir"],
-                               load_data=False)
-        self.session.restore(loaded)
-        self.model, self.methods, self.ctx = self.session.model, self.session.methods, self.session.ctx
-        self.model.eval()
-        self.make_loader = self.session.make_loader
-        self.state = loaded["state"]
-
-    def load_samples(self, manifest: Path, root: Path | None = None) -> list:
-        return self.session.load_samples(manifest, root)
-
-    def answer_options(self, samples: list, choices: str | None = "recipe") -> list | None:
-        """As :meth:`Session.answer_options`, with ``choices`` (``"task"``, ``"sample"`` or None)
-        in place of the checkpoint recipe's ``eval.choices`` unless it is ``"recipe"``."""
-        if choices == "recipe":
-            return self.session.answer_options(samples)
-        ev = self.session.recipe["eval"]
-        saved, ev["choices"] = ev.get("choices"), choices
-        try:
-            return self.session.answer_options(samples)
-        finally:
-            ev["choices"] = saved
-
-
-def load_for_eval(checkpoint: Path) -> EvalSession:
-    return EvalSession(Path(checkpoint))

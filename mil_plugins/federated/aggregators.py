@@ -18,56 +18,12 @@ is ours, see :class:`PilotAggregation`) and ``local`` (no aggregation: each clie
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from mil_plugins.registry import merge_options
-
-State = dict[str, torch.Tensor]
-
-
-def weighted_mean(states: list[State], weights: list[float]) -> State:
-    """Per name, the ``weights``-weighted mean over the states that hold it (float64 sums)."""
-    if len(states) != len(weights):
-        raise ValueError(f"{len(states)} client states but {len(weights)} weights")
-    if any(w < 0 for w in weights) or not states:
-        raise ValueError("aggregation needs at least one client and non-negative weights")
-    out: State = {}
-    names = list(dict.fromkeys(n for s in states for n in s))
-    for name in names:
-        holders = [(s[name], w) for s, w in zip(states, weights) if name in s]
-        total = sum(w for _, w in holders)
-        if total <= 0:
-            raise ValueError(f"parameter {name!r}: its clients' weights sum to {total}")
-        acc = torch.zeros(holders[0][0].shape, dtype=torch.float64)
-        for tensor, w in holders:
-            if tensor.shape != acc.shape:
-                raise ValueError(f"parameter {name!r}: clients disagree on its shape "
-                                 f"({tuple(acc.shape)} vs {tuple(tensor.shape)})")
-            acc += tensor.detach().to(torch.float64) * (w / total)
-        out[name] = acc.to(holders[0][0].dtype)
-    return out
-
-
-class Aggregator:
-    """Base class of an aggregator: FedAvg, unless a subclass says otherwise."""
-
-    name: ClassVar[str] = ""
-    default_options: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, **options: Any):
-        self.options = merge_options("aggregator", self.name, self.default_options, options)
-
-    @property
-    def proximal_mu(self) -> float:
-        """FedProx's mu: > 0 makes clients add the proximal term."""
-        return 0.0
-
-    def aggregate(self, states: list[State], num_samples: list[int],
-                  text: set[str]) -> tuple[State, list[State | None]]:
-        """``(global, per-client)``; per-client ``None`` means "start from the global"."""
-        return weighted_mean(states, [float(n) for n in num_samples]), [None] * len(states)
+from mil_plugins.kinds.aggregator import (Aggregator, State, check_aggregator_plugin,  # noqa: F401
+                                          weighted_mean)
 
 
 class FedAvg(Aggregator):
@@ -161,19 +117,3 @@ class PilotAggregation(Aggregator):
                 mixed[n] = acc.to(states[i][n].dtype)
             personal.append(mixed)
         return glob, personal
-
-
-def check_aggregator_plugin(name: str, obj: Any) -> None:
-    """Registry check: an Aggregator subclass registered under its own name."""
-    if not (isinstance(obj, type) and issubclass(obj, Aggregator)):
-        raise TypeError(f"expected a subclass of mil_plugins.federated.aggregators.Aggregator, "
-                        f"got {obj!r}")
-    if obj.name != name:
-        raise TypeError(f"{obj.__name__}.name is {obj.name!r} but it is registered as {name!r}")
-
-
-def build_aggregator(section: dict) -> Aggregator:
-    """The aggregator a recipe's ``federated`` section names, with its options."""
-    from mil_plugins.plugins import AGGREGATORS
-
-    return AGGREGATORS.get(section["aggregator"])(**(section.get("aggregator_options") or {}))

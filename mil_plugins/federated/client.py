@@ -14,7 +14,7 @@ import torch
 from mil_plugins.engine.loop import StagePlan
 from mil_plugins.engine.steps import train_plan, trainable_names
 from mil_plugins.federated.params import load_into, snapshot, standardizer_names
-from mil_plugins.federated.split import split_clients
+from mil_plugins.client_split import split_clients
 from mil_plugins.methods.base import Method
 from mil_plugins.methods.context import Stage
 from mil_plugins.methods.dispatch import MethodHooks
@@ -63,7 +63,7 @@ class ClientTrainer:
     def __init__(self, recipe: dict, session=None, logger=None):
         from mil_plugins.engine.distributed import Dist
         from mil_plugins.engine.session import Session
-        from mil_plugins.federated.aggregators import build_aggregator
+        from mil_plugins.federated.build import build_aggregator
 
         self.recipe = recipe
         self.fed = recipe["federated"]

@@ -39,10 +39,10 @@ from mil_plugins.engine.loop import StagePlan
 from mil_plugins.engine.steps import evaluate_samples, prepare_data, train_plan
 from mil_plugins.engine.trainable import group_names
 from mil_plugins.evaluate import score_predictions
-from mil_plugins.federated.aggregators import build_aggregator
+from mil_plugins.federated.build import build_aggregator
 from mil_plugins.federated.client import ClientTrainer, client_stage, federation_info
 from mil_plugins.federated.params import is_text, load_into, snapshot
-from mil_plugins.federated.split import split_clients
+from mil_plugins.client_split import split_clients
 
 Clients = Callable[[int, list, dict], dict]
 

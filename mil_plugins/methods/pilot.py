@@ -149,7 +149,7 @@ class Pilot(Method):
         self.layers: dict[str, PilotLayer] = {}
 
     def setup(self, ctx) -> None:
-        from mil_plugins.federated.split import split_clients, task_keys
+        from mil_plugins.client_split import split_clients, task_keys
 
         section = ctx.recipe.get("federated")
         self.tasks = (task_keys(split_clients(section, ctx.stages, ctx.seed)) if section

@@ -1,11 +1,14 @@
-"""The multimodal model: connector, feature splicing, the LLaVA-style LM, build, save/load, HF Llava.
+"""The multimodal model: connector, feature splicing, the LLaVA-style LM, build, save/load.
 
     connector.py  Connector: per-modality projectors or per-modality input layers + one shared projector
     splice.py     splice_features: projected features -> the placeholder positions of the embeddings
     mllm.py       MultimodalLM: encoders + connector + HF causal LM (forward, generate)
     build.py      build_model(cfg, tokenizer), build_tiny_llm_config(...)
     io.py         save_model / load_model (safetensors + PEFT adapter, atomic)
-    hf_llava.py   from_hf_llava / to_hf_llava: adopt and export transformers' LlavaForConditionalGeneration
+    hf_llava.py   HFVisionTowerEncoder / LlavaVisionPlugin: an HF vision tower as the image modality
+
+Whole-model conversion to and from transformers' LlavaForConditionalGeneration is a format of
+another project, one floor up: ``mil_plugins.integrations.hf_llava`` (from_hf_llava, to_hf_llava).
 
 Heavy modules import lazily; ``from mil_plugins.model import build_model`` etc. work.
 """
@@ -25,8 +28,6 @@ _EXPORTS = {
     "build_tiny_llm_config": "build",
     "save_model": "io",
     "load_model": "io",
-    "from_hf_llava": "hf_llava",
-    "to_hf_llava": "hf_llava",
 }
 
 __all__ = sorted(_EXPORTS)

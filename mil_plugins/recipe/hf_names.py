@@ -47,7 +47,7 @@ def canonical_key(key: str) -> str:
 
 def canonical_names(data: dict, source: Any) -> dict:
     """``data`` (one recipe file) with every HF alias moved to our key."""
-    from mil_plugins.recipe.load import RecipeError
+    from mil_plugins.recipe.errors import RecipeError
 
     out = copy.deepcopy(data)
     for (section, name), (to_section, to_name) in ALIASES.items():
@@ -71,7 +71,7 @@ def normalize_report_to(value: Any, source: Any, key: str = "output.report_to") 
     list; returns a list (or ``None`` unchanged). Unknown names and an uninstalled ``wandb`` are
     errors."""
     from mil_plugins.recipe import schema as S
-    from mil_plugins.recipe.load import RecipeError
+    from mil_plugins.recipe.errors import RecipeError
 
     if value is None:
         return None

@@ -17,17 +17,9 @@ from typing import Any
 import yaml
 
 from mil_plugins.recipe import schema as S
+from mil_plugins.recipe.errors import RecipeError
 from mil_plugins.recipe.hf_names import canonical_key, canonical_names, normalize_report_to
 from mil_plugins.recipe.yaml_safe import RecipeYAMLError, load_yaml
-
-
-class RecipeError(ValueError):
-    """A recipe problem; the message names the file and the key path."""
-
-    def __init__(self, source: str | Path, key: str, problem: str):
-        self.source, self.key, self.problem = str(source), key, problem
-        where = f" at {key}" if key else ""
-        super().__init__(f"{source}{where}: {problem}")
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -350,7 +342,7 @@ def _check_group(group: str, source: str, key: str) -> None:
 
 def _check_scheduler(recipe: dict, source: str) -> None:
     """The scheduler type with its ``lr_scheduler_kwargs`` builds (on a dummy optimiser)."""
-    from mil_plugins.engine.optim import check_scheduler
+    from mil_plugins.optim import check_scheduler
 
     try:
         check_scheduler(recipe["train"])

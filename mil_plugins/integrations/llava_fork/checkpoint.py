@@ -115,7 +115,7 @@ def _image_processor(plugin, tower):
 
 def _write_sidecar_ours(model: MultimodalLM, modality: str, target: Path) -> None:
     from mil_plugins.atomic import atomic_save_safetensors, atomic_write_json
-    from mil_plugins.export import export_llava_one
+    from mil_plugins.integrations.llava_projector import export_llava_one
 
     atomic_save_safetensors(target / "encoder.safetensors", model.encoders[modality].state_dict())
     atomic_write_json(target / "plugin.json", model.plugins[modality].config())

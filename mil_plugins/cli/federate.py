@@ -16,6 +16,12 @@ import os
 ENGINES = ("simulation", "inprocess")
 
 
+def add_parser(sub) -> None:
+    p = sub.add_parser("federate", help="run a federated recipe on Flower (docs/federated.md)")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federated.rounds=4")
