@@ -208,7 +208,13 @@ def test_deepspeed_two_processes_match_single_process_and_resume(bench, tmp_path
     assert not (killed / "checkpoints" / "deepspeed").exists()
 
 
+@pytest.mark.extended
 def test_killed_run_resumes_to_the_same_result(bench, tmp_path):
+    """SIGKILLed mid-stage as a plain process, resumed: the same end. (Extended tier: the default
+    tier checks a plain ``tools/train.py`` process that dies (exit 137) mid-stage and resumes to
+    bit-identical weights in ``bench/gpu_check.py``'s CPU dry run (``resume_mid_stage``), and a
+    SIGKILL from outside at any moment, resumed to the same scores, under the launcher in
+    ``test_deepspeed_two_processes_match_single_process_and_resume``.)"""
     overrides = [TWO_STAGES, "warmup.max_steps=4", "train.max_steps=8", "train.batch_size=8",
                  "train.save_every_steps=2"]
     full, killed = tmp_path / "full", tmp_path / "killed"

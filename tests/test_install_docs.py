@@ -30,3 +30,13 @@ def test_pycocoevalcap_is_pinned_and_required():
     assert re.search(r"^pycocoevalcap==", constraints, re.M)
     assert re.search(r"^pycocotools==", constraints, re.M)
     assert '"pycocoevalcap' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run is the README's second command (set up from nothing, then the default tier)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    test_line = next(ln for ln in block.splitlines() if "pytest" in ln).split("#", 1)[0].strip()
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+          if ln.strip() and not ln.lstrip().startswith("#")]
+    assert test_line in ci, (test_line, ci)
