@@ -19,8 +19,6 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "extended: the extended tier, run with --extended (docs/testing.md)")
     # one place for every run's caches: built once per checkout, keyed by their inputs
     os.environ.setdefault("MIL_TEST_CACHE", str(config.rootpath / ".pytest_cache" / "mil-shared"))
 
