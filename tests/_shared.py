@@ -69,8 +69,12 @@ BENCHMARK_SOURCES = (ROOT / "mil_plugins" / "benchmark",)
 def benchmark(size: str = "tiny", seed: int = 0, modalities: Iterable[str] | None = None,
               sequence: str = "modality") -> Path:
     """A generated benchmark (``make_benchmark``'s arguments), shared read-only."""
+    from importlib.metadata import version
+
     mods = None if modalities is None else sorted(modalities)
-    key = {"size": size, "seed": seed, "modalities": mods, "sequence": sequence}
+    key = {"size": size, "seed": seed, "modalities": mods, "sequence": sequence,
+           # the writers of its files
+           "libraries": {name: version(name) for name in ("numpy", "pillow", "av", "soundfile")}}
 
     def build(folder: Path) -> None:
         from mil_plugins.benchmark import make_benchmark
