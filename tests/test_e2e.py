@@ -38,8 +38,8 @@ def env(cmd: list | None = None):
     e.setdefault("MIL_NUM_THREADS", "1")
     e["PYTHONUNBUFFERED"] = "1"
     if cmd and Path(str(cmd[0])).name == "deepspeed":
-        # DeepSpeed JIT-builds its CPU shared-memory allreduce op; built once for every launch
-        # (a stale lock of a killed build in a shared folder would hang every later build)
+        # DeepSpeed JIT-builds its CPU shared-memory allreduce op: built once, for every launch
+        # of the run (tests/_shared.py)
         e["TORCH_EXTENSIONS_DIR"] = torch_extensions()
     return e
 

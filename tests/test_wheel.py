@@ -48,13 +48,14 @@ def free_port() -> int:
 
 def launch_two_ranks(python: Path, command: list, cwd: Path, env: dict, timeout: int = 300) -> None:
     """``command`` on 2 CPU ranks through the deepspeed launcher. Once in the full suite, a launch
-    ran past 600 s before either rank reached its output folder: DeepSpeed JIT-builds its CPU
-    shared-memory allreduce op into this test's fresh extension folder, and that build crawled on a
+    ran past 600 s before either rank reached its output folder: DeepSpeed JIT-built its CPU
+    shared-memory allreduce op into this test's own extension folder, and that build crawled on a
     machine whose /dev/shm held 19 GB of allreduce buffers earlier DeepSpeed runs had left behind
-    (the same launch takes under a minute on a clean machine). A launch that runs past ``timeout``
-    is killed with every rank it started, its output is printed, and it is tried once more on a
-    fresh port and a fresh extension folder (a killed build leaves its lock file behind, which
-    would hold every later build). A second overrun, or any failure, fails the test."""
+    (the same launch takes under a minute on a clean machine). The op now comes prebuilt, once per
+    run (``_shared.torch_extensions``). A launch that runs past ``timeout`` is killed with every
+    rank it started, its output is printed, and it is tried once more on a fresh port and a fresh
+    extension folder (which builds the op anew, in case the shared build was what hung). A second
+    overrun, or any failure, fails the test."""
     tails = []
     for attempt in range(2):
         proc = subprocess.Popen([str(c) for c in [python, "-m", "deepspeed.launcher.runner",
