@@ -91,6 +91,13 @@ def test_quickstart_all_stages_plain_python(bench, tmp_path):
         assert isinstance(m[key], float), key
     assert len(m["trainable_parameters"]) == 5 and all(n > 0 for n in m["trainable_parameters"])
     assert len(m["seconds"]) == 5
+    # where it ran: this machine, with the one thread the run was given (MIL_NUM_THREADS)
+    from mil_plugins.machine import describe
+
+    here = describe()
+    assert m["machine"]["torch_threads"] == 1
+    assert {k: m["machine"][k] for k in ("cpu", "cpu_flags", "torch_cpu_capability")} == \
+        {k: here[k] for k in ("cpu", "cpu_flags", "torch_cpu_capability")}
     for name in ("report.md", "accuracy_matrix.png", "accuracy_curves.png", "logs/train.jsonl"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "accuracy_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -259,6 +259,7 @@ class Runner:
         return self._write_report() if self.dist.is_main else {}
 
     def _write_report(self) -> dict:
+        from mil_plugins.machine import describe as describe_machine
         from mil_plugins.report import write_report
 
         done = self.state["completed"]
@@ -275,6 +276,7 @@ class Runner:
             "accuracy_se": s.get("accuracy_se", [])[:done],
             "test_samples": s.get("test_samples", {}),
             "completed_stages": done, "world_size": self.dist.world_size,
+            "machine": describe_machine(),  # the one that wrote this file (a resumed run: the last)
         }
         if s["baseline"] is not None:
             result["baseline"] = s["baseline"]

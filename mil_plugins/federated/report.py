@@ -26,6 +26,8 @@ def _f(x) -> str:
 
 
 def summarize(recipe: dict, state: dict) -> dict:
+    from mil_plugins.machine import describe as describe_machine
+
     fed = recipe["federated"]
     history = state["history"]
     last = history[-1] if history else None
@@ -45,6 +47,7 @@ def summarize(recipe: dict, state: dict) -> dict:
         "per_task": {"tasks": last["per_task"]} if last else {},
         "history": history, "warmup_seconds": state.get("warmup_seconds"),
         "seconds": [h["seconds"] for h in history],
+        "machine": describe_machine(),
     }
 
 
