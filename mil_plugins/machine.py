@@ -18,7 +18,7 @@ VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "
                 "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
+def cpuinfo() -> tuple[str, set[str]]:
     """(model name, flags) from ``/proc/cpuinfo``; empty where there is none (not Linux)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -33,7 +33,7 @@ def describe() -> dict:
     """This process's machine, as plain JSON values."""
     import torch
 
-    model, flags = _cpuinfo()
+    model, flags = cpuinfo()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     out = {
         "cpu": model,

@@ -90,30 +90,21 @@ def copy_of(src: Path, dst: Path) -> Path:
     return dst
 
 
-def cpu_flags() -> str:
-    """The CPU's feature flags (DeepSpeed builds its CPU ops for the machine it runs on)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    flags = next((ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")), "")
-    return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]
-
-
 def torch_extensions() -> str:
     """A ``TORCH_EXTENSIONS_DIR`` holding DeepSpeed's CPU shared-memory allreduce op, built once
-    (about a minute) for every DeepSpeed launch of the run and of later runs with the same torch
-    and DeepSpeed. Each launch used to JIT-build it into a fresh folder of its own; a build that
-    is killed leaves a lock file behind that holds every later build in that folder, which cannot
-    happen here (the build runs in a folder that is only used once it is complete)."""
+    (about 40 s on 2 cores) for every DeepSpeed launch of the run, and of later runs with the same
+    torch, DeepSpeed, Python and CPU (the op is compiled for the CPU it is built on). Each launch
+    used to JIT-build it into a fresh folder of its own."""
     import subprocess
     import sys
 
     import deepspeed
     import torch
 
+    from mil_plugins.machine import cpuinfo
+
     key = {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-           "python": sys.version.split()[0], "cpu": cpu_flags()}
+           "python": sys.version.split()[0], "cpu_flags": sorted(cpuinfo()[1])}
 
     def build(folder: Path) -> None:
         code = ("from deepspeed.accelerator import get_accelerator; "

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 
@@ -18,14 +16,9 @@ def pytest_addoption(parser):
                      help="also run the extended tier (tests marked `extended`; docs/testing.md)")
 
 
-def pytest_configure(config):
-    # one place for every run's caches: built once per checkout, keyed by their inputs
-    os.environ.setdefault("MIL_TEST_CACHE", str(config.rootpath / ".pytest_cache" / "mil-shared"))
-
-
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--extended") or "extended" in (config.getoption("-m") or ""):
-        return
+        return  # everything, or what the -m expression selects
     kept, dropped = [], []
     for item in items:
         (dropped if item.get_closest_marker("extended") else kept).append(item)
